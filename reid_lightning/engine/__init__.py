@@ -1,0 +1,1 @@
+"""Lightning wiring: the ReID LightningModule, optimizer + LR schedule, hooks and the runner."""
