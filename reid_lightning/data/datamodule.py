@@ -1,0 +1,234 @@
+"""The LightningDataModule wiring parsers, transforms, the identity sampler and the
+evaluation sharding together."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_only
+from torch.utils.data import DataLoader, Subset
+
+from reid_lightning.data.datasets import build_dataset
+from reid_lightning.data.datasets.demo import prepare_demo
+from reid_lightning.data.image_dataset import ImageDataset, verify_images
+from reid_lightning.data.samplers import IdentitySampler, distributed_context
+from reid_lightning.data.samples import ReIDSplits, Sample
+from reid_lightning.data.transforms import build_test_transforms, build_train_transforms
+
+log = logging.getLogger(__name__)
+
+
+def shard_range(num_samples: int, rank: int, world_size: int) -> range:
+    """The contiguous share of ``num_samples`` items that a rank evaluates.
+
+    Shares differ in size by at most one, nothing is padded or repeated, and the
+    shares of ranks ``0..world_size-1`` cover every item exactly once.
+
+    Args:
+        num_samples: number of items.
+        rank: the rank.
+        world_size: number of ranks.
+
+    Returns:
+        The item positions of this rank.
+    """
+    return range(rank * num_samples // world_size, (rank + 1) * num_samples // world_size)
+
+
+class ReIDDataModule(pl.LightningDataModule):
+    """Train and evaluation data of a re-identification data set.
+
+    Training batches are dicts ``{"images": (B, 3, H, W), "targets": (B,), "camids": (B,)}``
+    drawn by :class:`IdentitySampler` (``B = batch_size // world_size`` per rank);
+    validation and test batches add ``"index"`` (position in query + gallery,
+    queries first) and ``"is_query"``, and every rank gets a contiguous share of
+    query + gallery without padding. Run the trainer with
+    ``use_distributed_sampler=False``.
+
+    Typical use::
+
+        dm = ReIDDataModule("market1501", root="/data", batch_size=64, num_instances=4)
+        dm.prepare_data(); dm.setup("fit")
+        model = build_model(num_classes=dm.num_classes)
+
+    Args:
+        dataset: registry name of the data set (see :data:`reid_lightning.data.datasets.DATASETS`).
+        root: data root (``paths.data_dir``).
+        dataset_kwargs: options passed to the parser (e.g. ``{"subset": "labeled"}``, ``{"seed": 0}``).
+        height: input height.
+        width: input width.
+        flip_prob: horizontal flip probability.
+        padding: padding before the random crop.
+        erasing_prob: random erasing probability.
+        batch_size: global training batch, P identities x K instances.
+        num_instances: K.
+        test_batch_size: evaluation batch per rank.
+        num_workers: loader worker processes.
+        pin_memory: pin host memory (only when CUDA is available).
+        persistent_workers: keep workers alive between epochs (only with ``num_workers > 0``).
+        verify_images: check every image file with PIL at set-up; fail listing the bad ones.
+        seed: seed of the identity sampler.
+        batches_per_epoch: global training batches per epoch; default fast-reid's
+            epoch, ``len(train images) // batch_size`` (at least 1).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "demo",
+        root: str = "datasets",
+        dataset_kwargs: dict[str, Any] | None = None,
+        height: int = 256,
+        width: int = 128,
+        flip_prob: float = 0.5,
+        padding: int = 10,
+        erasing_prob: float = 0.5,
+        batch_size: int = 64,
+        num_instances: int = 4,
+        test_batch_size: int = 128,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        verify_images: bool = False,
+        seed: int = 0,
+        batches_per_epoch: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.dataset = dataset
+        self.root = str(root)
+        self.dataset_kwargs = dict(dataset_kwargs or {})
+        self.size = (height, width)
+        self.flip_prob = flip_prob
+        self.padding = padding
+        self.erasing_prob = erasing_prob
+        self.batch_size = batch_size
+        self.num_instances = num_instances
+        self.test_batch_size = test_batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.verify_images = verify_images
+        self.seed = seed
+        self.batches_per_epoch = batches_per_epoch
+        self._splits: ReIDSplits | None = None
+
+    def prepare_data(self) -> None:
+        """Generates the demo set (Lightning runs this on one process per node before ``setup``)."""
+        if self.dataset == "demo":
+            prepare_demo(self.root, **self.dataset_kwargs)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Parses the data set once (later calls return at once), optionally verifies
+        the image files, and logs the summary table.
+
+        Args:
+            stage: Lightning's stage name; every stage needs the same splits.
+        """
+        if self._splits is not None:
+            return
+        splits = build_dataset(self.dataset, self.root, **self.dataset_kwargs)
+        if self.verify_images:
+            verify_images([*splits.train, *splits.query, *splits.gallery])
+        self._splits = splits
+        self._log_summary()
+
+    @rank_zero_only
+    def _log_summary(self) -> None:
+        log.info("%s", self.splits.summary_table())
+
+    @property
+    def splits(self) -> ReIDSplits:
+        """The parsed splits (after :meth:`setup`)."""
+        if self._splits is None:
+            raise RuntimeError("ReIDDataModule.setup() has not run yet; call it before reading the splits")
+        return self._splits
+
+    @property
+    def num_classes(self) -> int:
+        """Number of training identities."""
+        return self.splits.num_train_pids
+
+    @property
+    def num_query(self) -> int:
+        """Number of query images; they come first in the evaluation set."""
+        return len(self.splits.query)
+
+    @property
+    def num_cameras(self) -> int:
+        """Number of camera ids over all splits (largest camid + 1)."""
+        return 1 + max(s.camid for s in [*self.splits.train, *self.splits.query, *self.splits.gallery])
+
+    @property
+    def test_samples(self) -> list[Sample]:
+        """Query then gallery samples, in evaluation index order."""
+        return [*self.splits.query, *self.splits.gallery]
+
+    def distributed_context(self) -> tuple[int, int]:
+        """``(rank, world_size)`` from the attached trainer, else from ``torch.distributed``, else ``(0, 1)``."""
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        return distributed_context()
+
+    def _loader_options(self) -> dict[str, Any]:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory and torch.cuda.is_available(),
+            "persistent_workers": self.persistent_workers and self.num_workers > 0,
+        }
+
+    def build_train_loader(self, rank: int, world_size: int) -> DataLoader:
+        """Builds the training loader of one rank.
+
+        Args:
+            rank: the rank.
+            world_size: number of ranks; ``batch_size`` must divide into
+                ``world_size * num_instances``.
+
+        Returns:
+            A loader of ``batch_size // world_size`` images per batch, whose sampler
+            starts at the trainer's current epoch.
+        """
+        train = self.splits.train
+        num_batches = self.batches_per_epoch or max(1, len(train) // self.batch_size)
+        sampler = IdentitySampler(
+            [s.pid for s in train], self.batch_size, self.num_instances, self.seed, rank, world_size, num_batches
+        )
+        sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
+        transform = build_train_transforms(self.size, self.flip_prob, self.padding, self.erasing_prob)
+        return DataLoader(
+            ImageDataset(train, transform),
+            batch_size=self.batch_size // world_size,
+            sampler=sampler,
+            drop_last=True,
+            **self._loader_options(),
+        )
+
+    def build_test_loader(self, rank: int, world_size: int) -> DataLoader:
+        """Builds the evaluation loader of one rank: its contiguous share (see
+        :func:`shard_range`) of query + gallery, in order, items carrying their global
+        ``"index"`` and ``"is_query"``.
+
+        Args:
+            rank: the rank.
+            world_size: number of ranks.
+
+        Returns:
+            A sequential loader of ``test_batch_size`` images per batch.
+        """
+        full = ImageDataset.for_test(self.splits.query, self.splits.gallery, build_test_transforms(self.size))
+        share = Subset(full, list(shard_range(len(full), rank, world_size)))
+        return DataLoader(
+            share, batch_size=self.test_batch_size, shuffle=False, drop_last=False, **self._loader_options()
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.build_train_loader(*self.distributed_context())
+
+    def val_dataloader(self) -> DataLoader:
+        return self.build_test_loader(*self.distributed_context())
+
+    def test_dataloader(self) -> DataLoader:
+        return self.build_test_loader(*self.distributed_context())

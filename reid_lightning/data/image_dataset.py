@@ -1,0 +1,122 @@
+"""The torch Dataset over :class:`~reid_lightning.data.samples.Sample` lists, and an
+opt-in scan for corrupt image files.
+
+Corrupt images: :class:`ImageDataset` raises ``RuntimeError`` naming the file when
+it fails to decode one (a training run stops at the first bad file it meets);
+:func:`verify_images` checks every file up front and lists all bad ones
+(``ReIDDataModule(verify_images=True)`` runs it at set-up).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from reid_lightning.data.samples import Sample
+
+
+def read_image(path: str) -> Image.Image:
+    """Opens an image file as RGB.
+
+    Args:
+        path: image file path.
+
+    Returns:
+        The decoded RGB image.
+
+    Raises:
+        RuntimeError: the file cannot be read or decoded (message names the path).
+    """
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as error:
+        raise RuntimeError(f"cannot read image {path}: {error}") from error
+
+
+def verify_images(samples: Sequence[Sample]) -> None:
+    """Checks every image file with PIL's ``Image.verify`` (structure, no full decode).
+
+    Args:
+        samples: the samples whose files to check.
+
+    Raises:
+        RuntimeError: listing every file that is missing or fails the check.
+    """
+    bad = []
+    for sample in samples:
+        try:
+            with Image.open(sample.path) as image:
+                image.verify()
+        except (OSError, ValueError, SyntaxError) as error:
+            bad.append(f"{sample.path} ({error})")
+    if bad:
+        raise RuntimeError(f"{len(bad)} unreadable image(s):\n" + "\n".join(bad))
+
+
+class ImageDataset(Dataset):
+    """Images of a sample list, transformed, with their labels.
+
+    ``dataset[i]`` is a dict ``{"images": tensor, "targets": pid, "camids": camid}``,
+    plus ``"index": i`` when ``with_index`` and ``"is_query": i < query_count`` when
+    ``query_count`` is given. Build the evaluation set with :meth:`for_test`.
+
+    Args:
+        samples: the samples, kept as ``dataset.samples``.
+        transform: maps a PIL RGB image to a tensor.
+        with_index: add each item's position as ``"index"``.
+        query_count: the first ``query_count`` samples are queries; adds ``"is_query"``.
+
+    Raises:
+        ValueError: ``query_count`` outside ``0..len(samples)``.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable[[Image.Image], torch.Tensor],
+        with_index: bool = False,
+        query_count: int | None = None,
+    ) -> None:
+        if query_count is not None and not 0 <= query_count <= len(samples):
+            raise ValueError(f"query_count {query_count} lies outside 0..{len(samples)}")
+        self.samples = list(samples)
+        self.transform = transform
+        self.with_index = with_index
+        self.query_count = query_count
+
+    @classmethod
+    def for_test(
+        cls, query: Sequence[Sample], gallery: Sequence[Sample], transform: Callable[[Image.Image], torch.Tensor]
+    ) -> "ImageDataset":
+        """Builds the evaluation set: queries first, then the gallery, with ``"index"``
+        (position in that concatenation) and ``"is_query"`` in every item.
+
+        Args:
+            query: query samples.
+            gallery: gallery samples.
+            transform: the test transform.
+
+        Returns:
+            The dataset.
+        """
+        return cls([*query, *gallery], transform, with_index=True, query_count=len(query))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        item: dict[str, Any] = {
+            "images": self.transform(read_image(sample.path)),
+            "targets": sample.pid,
+            "camids": sample.camid,
+        }
+        if self.with_index:
+            item["index"] = index
+        if self.query_count is not None:
+            item["is_query"] = index < self.query_count
+        return item

@@ -1,0 +1,89 @@
+"""Image transforms of fast-reid's BoT recipe, built from torchvision.transforms.v2.
+
+Both pipelines take a PIL RGB image and return a normalised float32 tensor of
+shape ``(3, height, width)``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+
+
+def build_train_transforms(
+    size: tuple[int, int] = (256, 128),
+    flip_prob: float = 0.5,
+    padding: int = 10,
+    erasing_prob: float = 0.5,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """Builds the training augmentation of fast-reid's Base-bagtricks config.
+
+    Stages, in order: bicubic resize to ``size``; horizontal flip with
+    ``flip_prob``; zero padding by ``padding`` pixels then a random crop of
+    ``size``; conversion to float in [0, 1]; normalisation with ``mean``/``std``;
+    random erasing with ``erasing_prob`` (torchvision's default area 0.02-0.33 and
+    aspect ratio 0.3-3.3) filling with 0. Filling with 0 after normalising equals
+    fast-reid's filling with the mean pixel before normalising:
+    ``(mean - mean) / std = 0``. A stage whose probability or padding is 0 is left out.
+
+    Args:
+        size: output (height, width).
+        flip_prob: probability of a horizontal flip.
+        padding: pixels of constant-0 padding on each side before the random crop.
+        erasing_prob: probability of random erasing.
+        mean: per-channel mean of the normalisation (ImageNet by default).
+        std: per-channel standard deviation of the normalisation.
+
+    Returns:
+        A callable mapping a PIL image to a ``(3, height, width)`` float32 tensor.
+
+    Raises:
+        ValueError: a probability outside [0, 1] or a negative padding.
+    """
+    if not (0.0 <= flip_prob <= 1.0 and 0.0 <= erasing_prob <= 1.0) or padding < 0:
+        raise ValueError(
+            f"flip_prob and erasing_prob must lie in [0, 1] and padding must be >= 0; "
+            f"got flip_prob={flip_prob}, erasing_prob={erasing_prob}, padding={padding}"
+        )
+    size = (int(size[0]), int(size[1]))
+    stages: list[v2.Transform] = [v2.Resize(size, interpolation=InterpolationMode.BICUBIC)]
+    if flip_prob > 0:
+        stages.append(v2.RandomHorizontalFlip(p=flip_prob))
+    if padding > 0:
+        stages.append(v2.RandomCrop(size, padding=padding, fill=0, padding_mode="constant"))
+    stages += _to_normalised_tensor(mean, std)
+    if erasing_prob > 0:
+        stages.append(v2.RandomErasing(p=erasing_prob, value=0))
+    return v2.Compose(stages)
+
+
+def build_test_transforms(
+    size: tuple[int, int] = (256, 128),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """Builds the evaluation transform: bicubic resize to ``size``, float in [0, 1],
+    normalisation with ``mean``/``std``.
+
+    Args:
+        size: output (height, width).
+        mean: per-channel mean of the normalisation.
+        std: per-channel standard deviation of the normalisation.
+
+    Returns:
+        A callable mapping a PIL image to a ``(3, height, width)`` float32 tensor.
+    """
+    size = (int(size[0]), int(size[1]))
+    return v2.Compose([v2.Resize(size, interpolation=InterpolationMode.BICUBIC), *_to_normalised_tensor(mean, std)])

@@ -1,0 +1,189 @@
+"""ReIDDataModule end to end on a tiny demo set, evaluation sharding, corrupt images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+
+from reid_lightning.data import ImageDataset, ReIDDataModule, Sample, build_test_transforms, verify_images
+from reid_lightning.data.datamodule import shard_range
+
+DEMO = {
+    "seed": 0,
+    "num_ids": 24,
+    "images_per_id": 6,
+    "num_cams": 3,
+    "size": (32, 16),
+    "num_distractors": 4,
+    "num_junk": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+def make_datamodule(root: Path, **overrides: object) -> ReIDDataModule:
+    options = dict(
+        dataset="demo",
+        root=str(root),
+        dataset_kwargs=DEMO,
+        height=32,
+        width=16,
+        batch_size=8,
+        num_instances=2,
+        test_batch_size=16,
+        num_workers=0,
+        pin_memory=False,
+    )
+    options.update(overrides)
+    dm = ReIDDataModule(**options)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_properties_need_setup(data_root: Path) -> None:
+    with pytest.raises(RuntimeError, match="setup"):
+        ReIDDataModule(root=str(data_root)).num_classes
+
+
+def test_setup_is_idempotent_and_exposes_sizes(data_root: Path) -> None:
+    dm = make_datamodule(data_root)
+    splits = dm.splits
+    dm.setup("test")
+    assert dm.splits is splits
+    assert dm.num_classes == 12 == splits.num_train_pids
+    assert dm.num_query == len(splits.query)
+    assert dm.num_cameras == 3
+    assert dm.test_samples == [*splits.query, *splits.gallery]
+
+
+def test_train_batches(data_root: Path) -> None:
+    dm = make_datamodule(data_root)
+    loader = dm.train_dataloader()
+    assert len(loader) == len(dm.splits.train) // 8
+    batch = next(iter(loader))
+    assert set(batch) == {"images", "targets", "camids"}
+    assert batch["images"].shape == (8, 3, 32, 16) and batch["images"].dtype == torch.float32
+    assert batch["targets"].dtype == torch.int64 and batch["camids"].dtype == torch.int64
+    targets = batch["targets"].tolist()
+    assert len(set(targets)) == 4 and all(targets[i] == targets[i + 1] for i in range(0, 8, 2))
+    assert all(0 <= t < dm.num_classes for t in targets)
+    assert ReIDDataModule(batches_per_epoch=5, root=str(data_root)).batches_per_epoch == 5
+
+
+def test_test_loader_covers_query_and_gallery_once(data_root: Path) -> None:
+    dm = make_datamodule(data_root)
+    batches = list(dm.test_dataloader())
+    assert set(batches[0]) == {"images", "targets", "camids", "index", "is_query"}
+    index = torch.cat([b["index"] for b in batches])
+    assert index.tolist() == list(range(len(dm.test_samples)))
+    assert torch.cat([b["is_query"] for b in batches]).tolist() == [i < dm.num_query for i in index.tolist()]
+    assert torch.cat([b["targets"] for b in batches]).tolist() == [s.pid for s in dm.test_samples]
+    assert torch.cat([b["camids"] for b in batches]).tolist() == [s.camid for s in dm.test_samples]
+    assert len(list(dm.val_dataloader())) == len(batches)
+
+
+def test_two_rank_sharding(data_root: Path) -> None:
+    dm = make_datamodule(data_root)
+    shares = [torch.cat([b["index"] for b in dm.build_test_loader(rank, 2)]).tolist() for rank in range(2)]
+    assert not set(shares[0]) & set(shares[1])
+    assert sorted(shares[0] + shares[1]) == list(range(len(dm.test_samples)))
+    assert abs(len(shares[0]) - len(shares[1])) <= 1
+    single = [b["targets"].tolist() for b in dm.build_train_loader(0, 1)]
+    per_rank = [[b["targets"].tolist() for b in dm.build_train_loader(rank, 2)] for rank in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == len(single)
+    assert all(len(batch) == 4 for batch in per_rank[0])
+    assert [a + b for a, b in zip(*per_rank)] == single
+
+
+@pytest.mark.parametrize(("num_samples", "world_size"), [(10, 3), (2, 4), (7, 1)])
+def test_shard_range_partitions(num_samples: int, world_size: int) -> None:
+    shares = [list(shard_range(num_samples, rank, world_size)) for rank in range(world_size)]
+    assert sum(shares, []) == list(range(num_samples))
+
+
+def test_trainer_advances_the_sampler_epoch(data_root: Path) -> None:
+    class Probe(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 1)
+            self.seen: list[tuple[int, int, list[int]]] = []
+
+        def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+            sampler = self.trainer.train_dataloader.sampler
+            self.seen.append((self.current_epoch, sampler.epoch, batch["targets"].tolist()))
+            return self.layer(batch["images"].mean(dim=(2, 3))).mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    probe = Probe()
+    trainer = pl.Trainer(
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(probe, datamodule=make_datamodule(data_root))
+    assert [(epoch, sampler_epoch) for epoch, sampler_epoch, _ in probe.seen] == [(0, 0), (0, 0), (1, 1), (1, 1)]
+    assert probe.seen[0][2] != probe.seen[2][2]
+
+
+def corrupt_tree(root: Path) -> Path:
+    """A folder data set whose gallery holds one file that is not an image."""
+    for split, names in {
+        "bounding_box_train": ["0001_c1s1_000001_00.jpg", "0002_c2s1_000002_00.jpg"],
+        "query": ["0003_c1s1_000003_00.jpg"],
+        "bounding_box_test": ["0003_c2s1_000004_00.jpg"],
+    }.items():
+        (root / split).mkdir(parents=True)
+        for name in names:
+            Image.new("RGB", (4, 8)).save(root / split / name)
+    (root / "bounding_box_test" / "0003_c3s1_000005_00.jpg").write_bytes(b"\xff\xd8 truncated")
+    return root / "bounding_box_test" / "0003_c3s1_000005_00.jpg"
+
+
+def test_corrupt_image_fails_when_read(tmp_path: Path) -> None:
+    bad = corrupt_tree(tmp_path)
+    dataset = ImageDataset([Sample(str(bad), 3, 2)], build_test_transforms((32, 16)))
+    with pytest.raises(RuntimeError, match=f"cannot read image {bad}"):
+        dataset[0]
+
+
+def test_verify_images_lists_every_bad_file(tmp_path: Path) -> None:
+    bad = corrupt_tree(tmp_path)
+    missing = tmp_path / "gone.jpg"
+    good = Sample(str(tmp_path / "query" / "0003_c1s1_000003_00.jpg"), 3, 0)
+    verify_images([good])
+    with pytest.raises(RuntimeError, match="2 unreadable image") as info:
+        verify_images([good, Sample(str(bad), 3, 2), Sample(str(missing), 1, 0)])
+    assert str(bad) in str(info.value) and str(missing) in str(info.value)
+
+
+def test_datamodule_verify_images_at_setup(tmp_path: Path) -> None:
+    bad = corrupt_tree(tmp_path)
+    options = dict(dataset="folder", root=str(tmp_path), batch_size=2, num_instances=1, num_workers=0)
+    ReIDDataModule(**options).setup("fit")  # the scan is opt-in
+    with pytest.raises(RuntimeError, match=str(bad)):
+        ReIDDataModule(**options, verify_images=True).setup("fit")
+
+
+def test_image_dataset_items() -> None:
+    samples = [Sample("a.jpg", 1, 0), Sample("b.jpg", 2, 1), Sample("c.jpg", 2, 0)]
+    dataset = ImageDataset.for_test(samples[:1], samples[1:], build_test_transforms((32, 16)))
+    assert dataset.samples == samples and dataset.query_count == 1 and dataset.with_index
+    with pytest.raises(ValueError, match="query_count 4"):
+        ImageDataset(samples, build_test_transforms((32, 16)), query_count=4)
