@@ -1,0 +1,225 @@
+"""Metric storage shared by the training step and the hooks (detectron2/fast-reid's ``EventStorage``).
+
+While training runs, the hook adapter keeps one :class:`EventStorage` open; anything in the
+process can reach it::
+
+    storage = get_event_storage()
+    storage.put_scalar("loss_cls", 1.25)          # recorded at storage.iter
+    storage.history("loss_cls").median(20)        # smoothed value for printing
+
+Writers (``PeriodicWriter``) read the storage; producers (the adapter, hooks, the model) only put.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from itertools import islice
+from typing import Any
+
+import torch
+
+_STORAGE_STACK: list[EventStorage] = []
+
+
+def get_event_storage() -> EventStorage:
+    """The innermost active :class:`EventStorage`.
+
+    Returns:
+        the storage opened most recently with ``with EventStorage(...)`` (the hook adapter opens
+        one for the duration of ``trainer.fit``).
+
+    Raises:
+        RuntimeError: when no storage is active.
+    """
+    if not _STORAGE_STACK:
+        raise RuntimeError(
+            "get_event_storage() found no active EventStorage: call it during training with a HookBase "
+            "registered on the Trainer, or inside a 'with EventStorage():' block."
+        )
+    return _STORAGE_STACK[-1]
+
+
+class HistoryBuffer:
+    """The recent values of one scalar, with their iterations, plus a running global average.
+
+    ``buf.update(0.5, iteration=3)``; ``buf.latest()``; ``buf.median(20)``; ``buf.avg(20)``;
+    ``buf.global_avg()``; ``buf.values()`` -> ``[(value, iteration), ...]``.
+
+    Args:
+        max_length: number of values kept; older ones are dropped (the global average keeps them).
+    """
+
+    def __init__(self, max_length: int = 1_000_000) -> None:
+        if max_length < 1:
+            raise ValueError(f"HistoryBuffer max_length must be >= 1, got {max_length}")
+        self._max_length = max_length
+        self._data: deque[tuple[float, float]] = deque(maxlen=max_length)
+        self._count = 0
+        self._global_avg = 0.0
+
+    def update(self, value: float, iteration: float | None = None) -> None:
+        """Append ``value`` recorded at ``iteration`` (default: the number of updates so far)."""
+        if iteration is None:
+            iteration = self._count
+        self._data.append((float(value), iteration))
+        self._count += 1
+        self._global_avg += (float(value) - self._global_avg) / self._count
+
+    def _window(self, window_size: int) -> list[float]:
+        if window_size < 1:
+            raise ValueError(f"window_size must be >= 1, got {window_size}")
+        if not self._data:
+            raise ValueError("HistoryBuffer is empty")
+        start = max(0, len(self._data) - window_size)
+        return [value for value, _ in islice(self._data, start, None)]
+
+    def latest(self) -> float:
+        """The most recent value."""
+        if not self._data:
+            raise ValueError("HistoryBuffer is empty")
+        return self._data[-1][0]
+
+    def median(self, window_size: int) -> float:
+        """Median of the last ``window_size`` values."""
+        return float(statistics.median(self._window(window_size)))
+
+    def avg(self, window_size: int) -> float:
+        """Mean of the last ``window_size`` values."""
+        return float(statistics.fmean(self._window(window_size)))
+
+    def global_avg(self) -> float:
+        """Mean of every value ever added, including those dropped from the buffer."""
+        return self._global_avg
+
+    def values(self) -> list[tuple[float, float]]:
+        """The kept ``(value, iteration)`` pairs, oldest first."""
+        return list(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class EventStorage:
+    """Scalars (with history), images and the current iteration of a training run.
+
+    Used as a context manager so :func:`get_event_storage` finds it::
+
+        with EventStorage(start_iter=0) as storage:
+            storage.put_scalars(total_loss=1.0, lr=3.5e-4)
+            storage.step()
+
+    Args:
+        start_iter: iteration the first values are recorded at.
+    """
+
+    def __init__(self, start_iter: int = 0) -> None:
+        self._history: defaultdict[str, HistoryBuffer] = defaultdict(HistoryBuffer)
+        self._smoothing_hints: dict[str, bool] = {}
+        self._latest_scalars: dict[str, tuple[float, int]] = {}
+        self._iter = int(start_iter)
+        self._prefix = ""
+        self._vis_data: list[tuple[str, torch.Tensor, int]] = []
+
+    # ------------------------------------------------------------------ scalars
+    def put_scalar(self, name: str, value: Any, smoothing_hint: bool = True) -> None:
+        """Record ``value`` (a number or a one-element tensor) for ``name`` at the current iteration.
+
+        Args:
+            name: scalar name; prefixed by the active :meth:`name_scope`.
+            value: converted with ``float``.
+            smoothing_hint: whether writers should smooth this scalar (median over a window);
+                must stay the same for a name.
+        """
+        name = self._prefix + name
+        value = float(value)
+        hint = self._smoothing_hints.setdefault(name, smoothing_hint)
+        if hint != smoothing_hint:
+            raise ValueError(f"Scalar {name!r} was put with smoothing_hint={hint} before, now {smoothing_hint}")
+        self._history[name].update(value, self._iter)
+        self._latest_scalars[name] = (value, self._iter)
+
+    def put_scalars(self, *, smoothing_hint: bool = True, **kwargs: Any) -> None:
+        """Record several scalars at once: ``storage.put_scalars(loss=1.0, acc=0.5)``."""
+        for name, value in kwargs.items():
+            self.put_scalar(name, value, smoothing_hint=smoothing_hint)
+
+    def history(self, name: str) -> HistoryBuffer:
+        """The :class:`HistoryBuffer` of ``name``.
+
+        Raises:
+            KeyError: when ``name`` was never put.
+        """
+        buffer = self._history.get(name)
+        if buffer is None:
+            raise KeyError(f"No history metric available for {name!r}; known: {sorted(self._history)}")
+        return buffer
+
+    def histories(self) -> dict[str, HistoryBuffer]:
+        """All histories by name."""
+        return dict(self._history)
+
+    def latest(self) -> dict[str, tuple[float, int]]:
+        """``{name: (latest value, iteration it was put at)}`` for every scalar."""
+        return dict(self._latest_scalars)
+
+    def latest_with_smoothing_hint(self, window_size: int = 20) -> dict[str, tuple[float, int]]:
+        """Like :meth:`latest`, with scalars put with ``smoothing_hint=True`` replaced by the median
+        of their last ``window_size`` values."""
+        return {
+            name: (self._history[name].median(window_size) if self._smoothing_hints[name] else value, itr)
+            for name, (value, itr) in self._latest_scalars.items()
+        }
+
+    def smoothing_hints(self) -> dict[str, bool]:
+        """``{name: smoothing_hint}`` for every scalar."""
+        return dict(self._smoothing_hints)
+
+    # ------------------------------------------------------------------ images
+    def put_image(self, name: str, tensor: torch.Tensor) -> None:
+        """Record an image (CHW tensor, values in [0, 1] or [0, 255]) at the current iteration."""
+        self._vis_data.append((self._prefix + name, tensor, self._iter))
+
+    @property
+    def images(self) -> list[tuple[str, torch.Tensor, int]]:
+        """Images put since the last :meth:`clear_images`, as ``(name, tensor, iteration)``."""
+        return list(self._vis_data)
+
+    def clear_images(self) -> None:
+        """Drop the recorded images (writers call it once they have written them)."""
+        self._vis_data = []
+
+    # ------------------------------------------------------------------ iteration
+    @property
+    def iter(self) -> int:
+        """The iteration new values are recorded at."""
+        return self._iter
+
+    @iter.setter
+    def iter(self, value: int) -> None:
+        self._iter = int(value)
+
+    def step(self) -> None:
+        """Advance :attr:`iter` by one."""
+        self._iter += 1
+
+    @contextmanager
+    def name_scope(self, name: str) -> Iterator[None]:
+        """Prefix the names put inside the block with ``name/``: ``with storage.name_scope("bn"): ...``."""
+        previous = self._prefix
+        self._prefix = previous + name.rstrip("/") + "/"
+        try:
+            yield
+        finally:
+            self._prefix = previous
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> EventStorage:
+        _STORAGE_STACK.append(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not _STORAGE_STACK or _STORAGE_STACK[-1] is not self:
+            raise RuntimeError("EventStorage contexts were exited out of order")
+        _STORAGE_STACK.pop()
