@@ -1,0 +1,33 @@
+"""Flip test: average the features of an image and of its horizontal mirror."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def extract_features(model: Callable[[Tensor], Tensor], images: Tensor, flip: bool = False) -> Tensor:
+    """Features of a batch, optionally averaged with those of the mirrored batch.
+
+    Called as ``extract_features(model, images, flip=True)`` inside the caller's
+    ``torch.no_grad()``/``inference_mode()`` and with the model in eval mode. With
+    ``flip`` the result is ``(model(images) + model(images.flip(3))) / 2``, not
+    renormalised (fast-reid normalises in place twice; the distance normalises anyway
+    for cosine).
+
+    Args:
+        model: maps ``(batch, channels, height, width)`` images to ``(batch, dim)`` features.
+        images: NCHW image batch.
+        flip: also run the horizontally flipped batch and average.
+
+    Returns:
+        ``(batch, dim)`` features.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"extract_features expects NCHW images, got shape {tuple(images.shape)}.")
+    features = model(images)
+    if flip:
+        features = (features + model(torch.flip(images, dims=[3]))) / 2
+    return features
