@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -60,6 +61,9 @@ class ReIDMetric(Metric):
         aqe: apply average query expansion with ``aqe_alpha`` and ``aqe_k``.
         tpr_fprs: FPR targets for extra ``"TPR@FPR=1e-04"`` style keys (percent),
             computed over all query x gallery pairs (Market rule applied).
+        keep_outputs: after each ``compute()``, keep the ranked data in ``last_outputs``
+            (query/gallery features, pids, camids, dataset indices, the distance matrix and
+            the CMC curve) for feature export and rank-list pictures.
         **kwargs: passed to ``torchmetrics.Metric`` (``sync_on_compute``, ...).
     """
 
@@ -79,6 +83,7 @@ class ReIDMetric(Metric):
         aqe_alpha: float = 3.0,
         aqe_k: int = 5,
         tpr_fprs: Sequence[float] = (),
+        keep_outputs: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -93,6 +98,8 @@ class ReIDMetric(Metric):
         self.aqe = aqe
         self.aqe_alpha, self.aqe_k = aqe_alpha, aqe_k
         self.tpr_fprs = tuple(tpr_fprs)
+        self.keep_outputs = keep_outputs
+        self.last_outputs: dict[str, Tensor | np.ndarray] = {}
         for name in _STATES:
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
@@ -127,7 +134,9 @@ class ReIDMetric(Metric):
         """
         if isinstance(self.index, list) and not self.index:
             raise RuntimeError("ReIDMetric.compute() was called before any update().")
-        keep = _first_occurrences(dim_zero_cat(self.index))
+        index = dim_zero_cat(self.index)
+        keep = _first_occurrences(index)
+        index = index[keep]
         features = dim_zero_cat(self.features)[keep].float()
         pids, camids = dim_zero_cat(self.pids)[keep], dim_zero_cat(self.camids)[keep]
         is_query = dim_zero_cat(self.is_query)[keep].bool()
@@ -155,6 +164,12 @@ class ReIDMetric(Metric):
         results.update(mAP=ranks["mAP"], mINP=ranks["mINP"])
         if self.tpr_fprs:
             results.update(tpr_at_fpr(dist, q_pids, g_pids, self.tpr_fprs, q_camids, g_camids))
+        if self.keep_outputs:
+            self.last_outputs = {
+                "q_feat": q_feat, "g_feat": g_feat, "q_pids": q_pids, "g_pids": g_pids,
+                "q_camids": q_camids, "g_camids": g_camids,
+                "q_index": index[is_query], "g_index": index[~is_query], "dist": dist, "cmc": cmc,
+            }
         return {
             key: torch.tensor(100.0 * value, dtype=torch.float32, device=self.device) for key, value in results.items()
         }

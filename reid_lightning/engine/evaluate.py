@@ -1,0 +1,87 @@
+"""Evaluate a checkpoint from a composed Hydra config: the body of ``scripts/eval.py``.
+
+Called as::
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+    def main(cfg):
+        return evaluate(cfg)["mAP"]
+
+The model is rebuilt from the config saved in the checkpoint (``reid_config``); the data
+come from ``data=...`` on the command line, or from the checkpoint's config when omitted.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from reid_lightning.engine.checkpoint import load_checkpoint, load_model_weights, num_classes_of
+from reid_lightning.engine.module import ReIDModule
+from reid_lightning.engine.runner import build_trainer, to_report, write_metrics
+from reid_lightning.evaluation import save_cmc_curve, save_rank_lists
+
+
+def export_features(outputs: dict[str, Any], paths: list[str], out_path: Path) -> Path:
+    """Write query + gallery features, pids, cameras, the query flag and image paths to ``.npz``."""
+    np.savez_compressed(
+        out_path,
+        features=np.concatenate([outputs["q_feat"].cpu().numpy(), outputs["g_feat"].cpu().numpy()]),
+        pids=np.concatenate([outputs["q_pids"].cpu().numpy(), outputs["g_pids"].cpu().numpy()]),
+        camids=np.concatenate([outputs["q_camids"].cpu().numpy(), outputs["g_camids"].cpu().numpy()]),
+        is_query=np.arange(len(paths)) < len(outputs["q_pids"]),
+        paths=np.asarray(paths),
+    )
+    return out_path
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate ``cfg.ckpt_path`` on the test split; write metrics.json and optional extras.
+
+    Returns:
+        The metrics in percent (``Rank-1``, ``Rank-5``, ``Rank-10``, ``mAP``, ``mINP``, and
+        ``TPR@FPR=...`` when ``evaluation.tpr_fprs`` is set).
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+    ckpt = load_checkpoint(cfg.ckpt_path)
+    saved = OmegaConf.create(ckpt["reid_config"])
+
+    data_cfg = cfg.data if cfg.get("data") is not None else saved.data
+    datamodule = instantiate(data_cfg, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("test")
+
+    model = instantiate(saved.model, num_classes=num_classes_of(ckpt), pretrained="none", _convert_="all")
+    want_outputs = bool(cfg.export_features or cfg.rank_lists.num_queries or cfg.cmc_curve)
+    evaluation = OmegaConf.to_container(cfg.evaluation, resolve=True)
+    module = ReIDModule(model, evaluation=evaluation, keep_eval_outputs=want_outputs)
+    load_model_weights(module, ckpt["state_dict"], source=str(cfg.ckpt_path))
+
+    trainer = build_trainer(cfg, callbacks=[], loggers=[])
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    metrics = to_report(module.last_test_metrics)
+    if not trainer.is_global_zero:
+        return metrics
+    write_metrics(metrics, output_dir)
+    if want_outputs:
+        outputs = module.last_eval_outputs
+        samples = datamodule.test_samples
+        q_paths = [samples[i].path for i in outputs["q_index"].tolist()]
+        g_paths = [samples[i].path for i in outputs["g_index"].tolist()]
+        if cfg.export_features:
+            export_features(outputs, q_paths + g_paths, output_dir / "features.npz")
+        if cfg.cmc_curve:
+            save_cmc_curve(outputs["cmc"], output_dir / "cmc.png")
+        ranks = cfg.rank_lists
+        if ranks.num_queries or not isinstance(ranks.order, str):
+            order = ranks.order if isinstance(ranks.order, str) else list(ranks.order)
+            save_rank_lists(
+                outputs["dist"], outputs["q_pids"], outputs["g_pids"], outputs["q_camids"], outputs["g_camids"],
+                q_paths, g_paths, output_dir / "rank_lists", num_queries=ranks.num_queries, order=order,
+                top_k=ranks.top_k, size=tuple(datamodule.size),
+            )
+    return metrics

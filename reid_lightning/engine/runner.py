@@ -1,0 +1,120 @@
+"""Train and evaluate from a composed Hydra config: the body of ``scripts/train.py``.
+
+Called as::
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+    def main(cfg):
+        return train(cfg)["mAP"]
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from reid_lightning.engine.config_tree import print_config_tree
+from reid_lightning.engine.hooks import build_hooks
+from reid_lightning.engine.module import ReIDModule
+
+log = logging.getLogger(__name__)
+
+# metric names of ReIDMetric -> the keys of metrics.json (percent)
+METRIC_NAMES = {"rank1": "Rank-1", "rank5": "Rank-5", "rank10": "Rank-10", "mAP": "mAP", "mINP": "mINP"}
+
+
+def resolve_precision(precision: Any, accelerator: str) -> Any:
+    """Turn ``precision: auto`` into bf16-mixed (or 16-mixed) on a GPU and 32 elsewhere."""
+    if precision != "auto":
+        return precision
+    on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    if not on_gpu:
+        return 32
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a name -> config mapping (None entries skipped)."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    """Instantiate ``cfg.data``, generate the demo set if needed and parse the splits."""
+    # plain containers: the datamodule's hyper-parameters go into checkpoints (weights_only loading)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
+
+
+def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
+    """Instantiate ``cfg.model`` for ``num_classes`` identities; compile the backbone if asked."""
+    model = instantiate(cfg.model, num_classes=num_classes, _convert_="all")
+    if cfg.get("compile"):
+        model.backbone.compile()
+    return model
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> pl.Trainer:
+    """Instantiate ``cfg.trainer`` with resolved precision, the callbacks and loggers."""
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision", "auto"), trainer_cfg.get("accelerator", "auto"))
+    return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+
+
+def to_report(metrics: dict[str, float]) -> dict[str, float]:
+    """Rename ReIDMetric results to the metrics.json keys (Rank-1, ..., mAP, mINP, TPR@FPR=...)."""
+    return {METRIC_NAMES.get(k, k): round(float(v), 4) for k, v in metrics.items()}
+
+
+def write_metrics(metrics: dict[str, float], output_dir: Path) -> Path:
+    """Write ``metrics.json`` into ``output_dir`` and print it as a table."""
+    path = output_dir / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"ReID metrics ({path})")
+    for name in metrics:
+        table.add_column(name, justify="right")
+    table.add_row(*(f"{v:.2f}" for v in metrics.values()))
+    Console().print(table)
+    return path
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the model described by ``cfg``, test it and write ``metrics.json``.
+
+    Returns:
+        The test metrics in percent (keys of :data:`METRIC_NAMES`), empty when
+        ``cfg.run_test`` is false.
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+    if pl.utilities.rank_zero_only.rank == 0:
+        print_config_tree(cfg, save_to=output_dir / "config_tree.log")
+
+    datamodule = build_datamodule(cfg)
+    model = build_model(cfg, datamodule.num_classes)
+    plain_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    module = ReIDModule(model, solver=cfg.solver, evaluation=OmegaConf.to_container(cfg.evaluation), cfg=plain_cfg)
+
+    callbacks = instantiate_group(cfg.get("callbacks")) + build_hooks(cfg.get("hooks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer = build_trainer(cfg, callbacks, loggers)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if not cfg.get("run_test", True):
+        return {}
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    metrics = to_report(module.last_test_metrics)
+    if trainer.is_global_zero:
+        write_metrics(metrics, output_dir)
+    return metrics

@@ -1,0 +1,18 @@
+"""Evaluate a checkpoint: ``python scripts/eval.py ckpt_path=PATH [data=...] [evaluation.rerank=true]``.
+
+Writes metrics.json (and, when asked, features.npz, cmc.png, rank_lists/*.png) into the
+run's output dir and returns the mAP (percent).
+"""
+import hydra
+from omegaconf import DictConfig
+
+from reid_lightning.engine.evaluate import evaluate
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+def main(cfg: DictConfig) -> float | None:
+    return evaluate(cfg).get("mAP")
+
+
+if __name__ == "__main__":
+    main()
