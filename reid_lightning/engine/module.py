@@ -100,12 +100,8 @@ class ReIDModule(pl.LightningModule):
     def _iters_per_epoch(self) -> int:
         """Optimizer steps per epoch (training batches divided by gradient accumulation)."""
         trainer = self.trainer
-        batches = trainer.num_training_batches
-        if not math.isfinite(batches):
-            batches = len(trainer.datamodule.train_dataloader())
-        if trainer.limit_train_batches is not None and isinstance(trainer.limit_train_batches, int):
-            batches = min(batches, trainer.limit_train_batches)
-        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+        trainer.estimated_stepping_batches  # makes Lightning load the train loader and count its batches
+        return max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, metric: ReIDMetric, batch: Mapping[str, torch.Tensor]) -> None:
