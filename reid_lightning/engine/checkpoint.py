@@ -1,18 +1,24 @@
 """Reading reid_lightning checkpoints safely (``torch.load(weights_only=True)``).
 
-Called by ``scripts/eval.py`` through :func:`reid_lightning.engine.evaluate.evaluate`::
+Called by ``scripts/eval.py`` through :func:`reid_lightning.engine.evaluate.evaluate`, and by
+``scripts/train.py`` for ``init_from`` (fine-tuning)::
 
     ckpt = load_checkpoint("outputs/.../checkpoints/last.ckpt")
     model_cfg = ckpt["reid_config"]["model"]
+    load_model_weights(module, ckpt["state_dict"], source="last.ckpt", strict=False)
 """
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 CLASSIFIER_KEY = "model.head.classifier.weight"
 
@@ -22,8 +28,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file holds arbitrary pickled objects (refused, not executed), or it
-            is not a reid_lightning checkpoint (no ``state_dict`` / ``reid_config``).
+        ValueError: the file holds arbitrary pickled objects (refused, not executed), is not
+            a torch checkpoint or is truncated, or it is not a reid_lightning checkpoint (no
+            ``state_dict`` / ``reid_config``).
     """
     path = Path(path)
     if not path.is_file():
@@ -31,9 +38,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[-1] if lines else "")
         raise ValueError(
             f"refusing to load {path}: it holds pickled objects that weights_only loading does not allow "
-            f"(a checkpoint from another program, or a tampered file). Details: {str(err).splitlines()[-1]}"
+            f"(a checkpoint from another program, or a tampered file). Details: {reason}"
+        ) from err
+    except (RuntimeError, EOFError, KeyError) as err:
+        raise ValueError(
+            f"cannot read checkpoint {path}: not a torch checkpoint, or truncated (an interrupted save or "
+            f"copy). Details: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'end of file'}"
         ) from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "reid_config" not in ckpt:
         raise ValueError(
@@ -52,20 +66,44 @@ def num_classes_of(ckpt: dict[str, Any]) -> int:
 
 
 def load_model_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str, strict: bool = True) -> None:
-    """Load ``state_dict`` into ``module``; a mismatch raises an error naming the differing keys.
+    """Load ``state_dict`` into ``module`` key by key.
+
+    Called as ``load_model_weights(module, ckpt["state_dict"], source=str(path), strict=...)``
+    by ``scripts/eval.py`` (``strict_load``) and ``scripts/train.py`` (``init_from``, ``init_strict``).
 
     Args:
-        strict: with False, missing and unexpected keys are tolerated (fine-tuning from
-            another architecture); shape mismatches always fail.
+        module: the module to fill (a ``ReIDModule``: keys start with ``model.``).
+        state_dict: the weights, e.g. a checkpoint's ``state_dict``.
+        source: where the weights come from, for messages.
+        strict: True: every key must be present on both sides with the same shape. False
+            (fine-tuning, e.g. on a data set with another number of identities): keys of
+            another shape, missing or unexpected keys are skipped with a logged warning
+            naming them; the module keeps its own values for those.
+
+    Raises:
+        RuntimeError: with ``strict``, any mismatch (the message names the differing keys);
+            without it, when no key of ``state_dict`` fits the module at all.
     """
     own = module.state_dict()
     wrong_shape = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    if wrong_shape or (strict and (missing or unexpected)):
-        details = []
-        for label, keys in (("shape mismatch", wrong_shape), ("missing", missing), ("unexpected", unexpected)):
-            if keys:
-                details.append(f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
-        raise RuntimeError(f"checkpoint {source} does not match the model architecture; " + "; ".join(details))
-    module.load_state_dict(state_dict, strict=False)
+    details = "; ".join(
+        f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+        for label, keys in (("shape mismatch", wrong_shape), ("missing", missing), ("unexpected", unexpected))
+        if keys
+    )
+    if strict and details:
+        raise RuntimeError(
+            f"checkpoint {source} does not match the model architecture; {details} (to load the weights "
+            "that fit and keep the model's own values for the rest: init_strict=false in scripts/train.py, "
+            "strict_load=false in scripts/eval.py)"
+        )
+    skipped = set(wrong_shape)
+    fitting = {k: v for k, v in state_dict.items() if k in own and k not in skipped}
+    if not fitting:
+        raise RuntimeError(f"no weight of checkpoint {source} fits the model: {details}")
+    module.load_state_dict(fitting, strict=False)
+    if details and rank_zero_only.rank == 0:
+        log.warning("non-strict loading of %s: the model keeps its own values where the checkpoint does not fit: %s",
+                    source, details)

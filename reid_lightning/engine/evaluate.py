@@ -59,7 +59,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     want_outputs = bool(cfg.export_features or cfg.rank_lists.num_queries or cfg.cmc_curve)
     evaluation = OmegaConf.to_container(cfg.evaluation, resolve=True)
     module = ReIDModule(model, evaluation=evaluation, keep_eval_outputs=want_outputs)
-    load_model_weights(module, ckpt["state_dict"], source=str(cfg.ckpt_path))
+    load_model_weights(module, ckpt["state_dict"], source=str(cfg.ckpt_path), strict=cfg.get("strict_load", True))
 
     trainer = build_trainer(cfg, callbacks=[], loggers=[])
     trainer.test(module, datamodule=datamodule, verbose=False)
