@@ -7,6 +7,7 @@ from reid_lightning.data.demo import generate_demo_dataset
 from reid_lightning.data.image_dataset import ImageDataset, verify_images
 from reid_lightning.data.samplers import IdentitySampler
 from reid_lightning.data.samples import ReIDSplits, Sample
+from reid_lightning.data.seeded_sampler import SeededSampler
 from reid_lightning.data.transforms import build_test_transforms, build_train_transforms
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "ReIDDataModule",
     "ReIDSplits",
     "Sample",
+    "SeededSampler",
     "build_dataset",
     "build_test_transforms",
     "build_train_transforms",

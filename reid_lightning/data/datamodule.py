@@ -16,6 +16,7 @@ from reid_lightning.data.datasets.demo import prepare_demo
 from reid_lightning.data.image_dataset import ImageDataset, verify_images
 from reid_lightning.data.samplers import IdentitySampler, distributed_context
 from reid_lightning.data.samples import ReIDSplits, Sample
+from reid_lightning.data.seeded_sampler import SeededSampler
 from reid_lightning.data.transforms import build_test_transforms, build_train_transforms
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class ReIDDataModule(pl.LightningDataModule):
         self.seed = seed
         self.batches_per_epoch = batches_per_epoch
         self._splits: ReIDSplits | None = None
+        self._resume_epoch: int | None = None
 
     def prepare_data(self) -> None:
         """Generates the demo set (Lightning runs this on one process per node before ``setup``)."""
@@ -166,6 +168,28 @@ class ReIDDataModule(pl.LightningDataModule):
         """Query then gallery samples, in evaluation index order."""
         return [*self.splits.query, *self.splits.gallery]
 
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpoint state: ``{"next_epoch": e}``, the epoch whose batches training draws next.
+
+        Lightning builds the training loader and makes its iterator (loader workers then fetch
+        their first batches) before it restores the loops and calls ``set_epoch``; a restored run
+        starts its loader at ``next_epoch`` so that those batches come from the right epoch.
+        """
+        if self.trainer is None:
+            return {}
+        return {"next_epoch": self.trainer.current_epoch + int(self.trainer.fit_loop.epoch_loop.done)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`; the next training loader starts at its ``next_epoch``."""
+        self._resume_epoch = state_dict.get("next_epoch")
+
+    def _first_train_epoch(self) -> int:
+        """Epoch of a new training loader: the restored ``next_epoch`` once, else the trainer's."""
+        if self._resume_epoch is not None:
+            epoch, self._resume_epoch = self._resume_epoch, None
+            return epoch
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
     def distributed_context(self) -> tuple[int, int]:
         """``(rank, world_size)`` from the attached trainer, else from ``torch.distributed``, else ``(0, 1)``."""
         if self.trainer is not None:
@@ -189,14 +213,18 @@ class ReIDDataModule(pl.LightningDataModule):
 
         Returns:
             A loader of ``batch_size // world_size`` images per batch, whose sampler
-            starts at the trainer's current epoch.
+            starts at the trainer's current epoch (after a restore: the checkpoint's
+            ``next_epoch``, see :meth:`state_dict`). Each image's augmentation has its own
+            seed (:class:`SeededSampler`), so it does not depend on the loader workers
+            and a resumed epoch repeats the uninterrupted one.
         """
         train = self.splits.train
         num_batches = self.batches_per_epoch or max(1, len(train) // self.batch_size)
-        sampler = IdentitySampler(
+        identities = IdentitySampler(
             [s.pid for s in train], self.batch_size, self.num_instances, self.seed, rank, world_size, num_batches
         )
-        sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
+        sampler = SeededSampler(identities, self.seed, rank)
+        sampler.set_epoch(self._first_train_epoch())
         transform = build_train_transforms(self.size, self.flip_prob, self.padding, self.erasing_prob)
         return DataLoader(
             ImageDataset(train, transform),

@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from reid_lightning.data.samples import Sample
+from reid_lightning.data.seeded_sampler import torch_seeded
 
 
 def read_image(path: str) -> Image.Image:
@@ -62,7 +63,9 @@ class ImageDataset(Dataset):
 
     ``dataset[i]`` is a dict ``{"images": tensor, "targets": pid, "camids": camid}``,
     plus ``"index": i`` when ``with_index`` and ``"is_query": i < query_count`` when
-    ``query_count`` is given. Build the evaluation set with :meth:`for_test`.
+    ``query_count`` is given. ``dataset[(i, seed)]`` (keys of :class:`SeededSampler`) runs the
+    transform on torch's CPU generator seeded with ``seed``. Build the evaluation set with
+    :meth:`for_test`.
 
     Args:
         samples: the samples, kept as ``dataset.samples``.
@@ -108,10 +111,17 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
         sample = self.samples[index]
+        image = read_image(sample.path)
+        if seed is None:
+            images = self.transform(image)
+        else:
+            with torch_seeded(seed):
+                images = self.transform(image)
         item: dict[str, Any] = {
-            "images": self.transform(read_image(sample.path)),
+            "images": images,
             "targets": sample.pid,
             "camids": sample.camid,
         }

@@ -18,9 +18,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from reid_lightning.engine.checkpoint import load_checkpoint, load_model_weights
+from reid_lightning.engine.checkpoint_io import AtomicCheckpointIO
 from reid_lightning.engine.config_tree import print_config_tree
+from reid_lightning.engine.ddp_launch import hydra_job_ddp
 from reid_lightning.engine.hooks import build_hooks
 from reid_lightning.engine.module import ReIDModule
+from reid_lightning.engine.resume import ResumePlan, RNGStates
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +67,10 @@ def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> pl.Trainer:
-    """Instantiate ``cfg.trainer`` with resolved precision, the callbacks and loggers."""
+    """Instantiate ``cfg.trainer`` with resolved precision, the callbacks, loggers and atomic checkpoint writes."""
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision", "auto"), trainer_cfg.get("accelerator", "auto"))
-    return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+    return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
 
 
 def to_report(metrics: dict[str, float]) -> dict[str, float]:
@@ -98,6 +102,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     output_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
+    resume = ResumePlan.from_config(cfg)  # fails early when the checkpoint to resume from is missing
     if pl.utilities.rank_zero_only.rank == 0:
         print_config_tree(cfg, save_to=output_dir / "config_tree.log")
 
@@ -105,15 +110,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = build_model(cfg, datamodule.num_classes)
     plain_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     module = ReIDModule(model, solver=cfg.solver, evaluation=OmegaConf.to_container(cfg.evaluation), cfg=plain_cfg)
+    if cfg.get("init_from") and not resume.ckpt_path:  # a resumed run restores its own weights
+        init = load_checkpoint(cfg.init_from)
+        load_model_weights(module, init["state_dict"], source=str(cfg.init_from), strict=cfg.get("init_strict", True))
 
-    callbacks = instantiate_group(cfg.get("callbacks")) + build_hooks(cfg.get("hooks"))
-    loggers = instantiate_group(cfg.get("logger"))
+    callbacks = instantiate_group(cfg.get("callbacks")) + build_hooks(cfg.get("hooks")) + [RNGStates()]
+    loggers = instantiate_group(resume.logger_config(cfg.get("logger")))
+    resume.keep_logged_history(loggers)
     trainer = build_trainer(cfg, callbacks, loggers)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    if not cfg.get("run_test", True):
-        return {}
-    trainer.test(module, datamodule=datamodule, verbose=False)
+    with hydra_job_ddp(trainer):  # DDP children of this job only (multirun sweeps)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.ckpt_path)
+        if not cfg.get("run_test", True):
+            return {}
+        trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = to_report(module.last_test_metrics)
     if trainer.is_global_zero:
         write_metrics(metrics, output_dir)

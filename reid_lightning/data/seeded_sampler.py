@@ -1,0 +1,73 @@
+"""Per-item augmentation seeds: the training augmentation as a function of (seed, epoch, rank,
+position in the epoch), whatever process draws it.
+
+Used by :meth:`ReIDDataModule.build_train_loader <reid_lightning.data.ReIDDataModule.build_train_loader>`::
+
+    sampler = SeededSampler(IdentitySampler(pids, 64, 4, seed=0), seed=0, rank=0)
+    loader = DataLoader(ImageDataset(train, transform), batch_size=64, sampler=sampler)
+    # the loader asks ImageDataset for (index, item_seed) keys; the transform runs under torch_seeded(item_seed)
+
+Without it the random flips, crops and erasings come from the generators of whichever process
+runs the transform: the main process (``num_workers=0``) or a loader worker, whose generators
+Lightning seeds once per worker and, with ``persistent_workers``, never again. A run resumed from
+a checkpoint then starts new workers whose generators differ from the uninterrupted run's, and
+the number of workers changes the augmentation. With item seeds drawn in the main process from
+``(seed, epoch, rank)``, a resumed epoch repeats the uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+
+class SeededSampler(Sampler[tuple[int, int]]):
+    """Pairs every index of ``sampler`` with its own augmentation seed.
+
+    The seeds of an epoch come from ``numpy.random.default_rng([seed, epoch, rank])`` in the order
+    the indices are yielded, so an index drawn twice in one epoch gets two seeds. ``set_epoch``
+    (called by Lightning at each epoch start) is passed on to ``sampler``.
+
+    Args:
+        sampler: a sampler of dataset indices (``IdentitySampler``).
+        seed: base seed.
+        rank: the process's rank (its share of a global batch gets its own seeds).
+    """
+
+    def __init__(self, sampler: Sampler[int], seed: int = 0, rank: int = 0) -> None:
+        self.sampler = sampler
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch of the next iteration, here and in the wrapped sampler."""
+        self.epoch = epoch
+        set_epoch = getattr(self.sampler, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+        for index in self.sampler:
+            yield int(index), int(rng.integers(2**63))
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+@contextmanager
+def torch_seeded(seed: int) -> Iterator[None]:
+    """Runs the block on torch's default CPU generator seeded with ``seed``, then puts its state back.
+
+    CUDA generators are left alone (the transforms run on CPU tensors and PIL images).
+    """
+    state = torch.get_rng_state()
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
