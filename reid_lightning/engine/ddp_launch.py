@@ -1,0 +1,148 @@
+"""DDP child processes that belong to one Hydra job, so that ``-m`` sweeps work with ``strategy=ddp``.
+
+Lightning's ``ddp`` strategy starts ranks > 0 by re-running the script with ``sys.argv``
+(plus ``hydra.run.dir`` of the current run). Under ``-m`` that hands every child ``-m``
+and the whole sweep, and after the first job the launcher's environment
+(``LOCAL_RANK``, ``MASTER_PORT``, ...) and process group stay behind, so the next job
+starts no children at all (Lightning issue 11300). :func:`hydra_job_ddp` fixes both for
+the span of one job; ``runner.train`` calls it as::
+
+    with hydra_job_ddp(trainer):
+        trainer.fit(module, datamodule=datamodule)
+        trainer.test(module, datamodule=datamodule)
+
+Children are then started in single-run mode with the job's own overrides
+(``HydraConfig.get().overrides.task``) and write into the job's own output dir.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytorch_lightning as pl
+import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_original_cwd, to_absolute_path
+from pytorch_lightning.strategies.launchers import subprocess_script
+
+log = logging.getLogger(__name__)
+
+# set by Lightning's launcher in the process that starts the children
+DDP_ENV_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+# Hydra's command-line flags that choose the config; every other flag or override is rebuilt
+CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
+# Hydra overrides that make no sense in a child: it runs once, in the job's dir
+DROPPED_HYDRA_OVERRIDES = (
+    "hydra.mode", "hydra.run.", "hydra.sweep.", "hydra.output_subdir", "hydra.job.name",
+    "hydra.sweeper", "hydra/sweeper", "hydra.launcher", "hydra/launcher",
+)
+CHILD_EXIT_TIMEOUT_S = 120
+
+
+def config_flags(argv: list[str]) -> list[str]:
+    """The config-choosing flags of a Hydra command line (``-cn eval``, ``--config-dir=x``), in order."""
+    kept: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg in CONFIG_FLAGS:
+            kept += [arg, next(args, "")]
+        elif arg.startswith(tuple(f"{flag}=" for flag in CONFIG_FLAGS)):
+            kept.append(arg)
+    return kept
+
+
+def script_command() -> list[str]:
+    """How this script was started: ``python /abs/script.py`` or ``python -m package.module``."""
+    import __main__  # local import, as Lightning does (its issue 15218)
+
+    if __main__.__spec__ is None:
+        return [sys.executable, to_absolute_path(sys.argv[0])]
+    return [sys.executable, "-m", __main__.__spec__.name]
+
+
+def child_command(local_rank: int) -> tuple[list[str], str]:
+    """Command and working dir that start rank ``local_rank`` of the current Hydra job.
+
+    Replaces Lightning's ``_hydra_subprocess_cmd`` (same signature): the child runs in
+    single-run mode (``hydra.mode=RUN``, even where the config, e.g. an Optuna search,
+    asks for multirun) with the job's task overrides, the user's other Hydra overrides,
+    and ``hydra.run.dir`` set to the job's output dir; ``hydra.output_subdir=null`` keeps it
+    from rewriting the job's ``.hydra/``.
+    """
+    hydra_cfg = HydraConfig.get()
+    hydra_overrides = [o for o in hydra_cfg.overrides.hydra if not o.startswith(DROPPED_HYDRA_OVERRIDES)]
+    command = script_command() + config_flags(sys.argv[1:]) + list(hydra_cfg.overrides.task) + hydra_overrides
+    command += [
+        f'hydra.run.dir="{hydra_cfg.runtime.output_dir}"',
+        "hydra.output_subdir=null",
+        f"hydra.job.name=train_ddp_process_{local_rank}",
+        "hydra.mode=RUN",
+    ]
+    return command, get_original_cwd()
+
+
+def wait_for_children(procs: list[subprocess.Popen], timeout_s: float = CHILD_EXIT_TIMEOUT_S) -> None:
+    """Wait until the job's child processes exit; warn about any still running after ``timeout_s``."""
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("DDP child process %d has not exited %ds after its job ended", proc.pid, timeout_s)
+
+
+def release_children(trainer: pl.Trainer, saved_env: dict[str, str | None], failed: bool) -> None:
+    """End the DDP side of a job in the process that started its children (no-op elsewhere).
+
+    The children are taken off the launcher's list, which Lightning's process observer
+    watches (a child that exits non-zero after its job must not kill the sweep), killed if
+    the job failed (they may wait in a collective for rank 0), and waited for; then the
+    process group is destroyed and the DDP environment variables are put back as they
+    were before the job.
+    """
+    procs = getattr(trainer.strategy.launcher, "procs", None)
+    if not procs:
+        return
+    children = list(procs)
+    procs.clear()
+    if failed:
+        for proc in children:
+            proc.kill()
+    wait_for_children(children)
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for name, value in saved_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@contextmanager
+def hydra_job_ddp(trainer: pl.Trainer) -> Iterator[None]:
+    """Scope DDP child processes to the current Hydra job (see the module docstring).
+
+    Inside the block, Lightning starts children with :func:`child_command`; while it runs,
+    a child that fails still stops the launcher (Lightning's process observer). When the
+    block ends, normally or by an error, :func:`release_children` ends the job's children,
+    process group and DDP environment, so the next job of a sweep starts its own children
+    on a fresh port.
+    """
+    if not hasattr(subprocess_script, "_hydra_subprocess_cmd"):
+        raise RuntimeError(
+            "pytorch_lightning.strategies.launchers.subprocess_script._hydra_subprocess_cmd is missing: "
+            f"reid_lightning.engine.ddp_launch does not support pytorch_lightning {pl.__version__}"
+        )
+    saved_env = {name: os.environ.get(name) for name in DDP_ENV_VARS}
+    lightning_command = subprocess_script._hydra_subprocess_cmd
+    subprocess_script._hydra_subprocess_cmd = child_command
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        subprocess_script._hydra_subprocess_cmd = lightning_command
+        release_children(trainer, saved_env, failed)

@@ -1,0 +1,186 @@
+"""Multirun sweeps: the summary callback (summary.md / summary.csv) and the Optuna search config."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR, REPO_ROOT
+from reid_lightning.engine.sweep_summary import SweepSummary, collect_jobs, short_value, write_summary
+
+# a training job of a few seconds: 2 iterations of ResNet-18 on 32x16 demo images, no validation
+TINY = [
+    "experiment=quickstart", "data.height=32", "data.width=16", "data.padding=2", "data.num_workers=0",
+    "solver.max_epochs=1", "solver.eval_period=2", "solver.warmup_iters=2", "solver.milestones=[5]",
+    "+trainer.limit_train_batches=2", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+    "callbacks=none", "hooks=none", "logger=csv",
+]
+
+
+def run_script(args: list[str], cwd: Path, threads: int = 2, timeout: int = 400) -> subprocess.CompletedProcess:
+    """Run ``scripts/train.py`` with ``args`` in ``cwd``; the caller checks the return code."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def explain(proc: subprocess.CompletedProcess) -> str:
+    return f"rc={proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+
+
+def make_job(sweep_dir: Path, name: str, overrides: list[str], metrics: dict | None) -> None:
+    """A finished (``metrics``) or failed (None) job dir as Hydra and ``train()`` leave it."""
+    job_dir = sweep_dir / name
+    (job_dir / ".hydra").mkdir(parents=True)
+    (job_dir / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    if metrics is not None:
+        (job_dir / "metrics.json").write_text(json.dumps(metrics))
+
+
+def fake_sweep(sweep_dir: Path) -> None:
+    """Jobs 0, 1, 2 and 10 over base_lr x seed; job 2 failed."""
+    for num, (lr, seed) in enumerate([("1e-4", "1"), ("1e-4", "2"), ("3.5e-4", "1")]):
+        metrics = None if num == 2 else {"Rank-1": 50.0 + num, "Rank-5": 70.0, "mAP": 30.0 + num, "mINP": 5.0}
+        make_job(sweep_dir, str(num), ["experiment=quickstart", f"solver.base_lr={lr}", f"seed={seed}"], metrics)
+    make_job(sweep_dir, "10", ["experiment=quickstart", "solver.base_lr=3.5e-4", "seed=2"],
+             {"Rank-1": 60.0, "Rank-5": 80.0, "mAP": 40.5, "mINP": 9.25})
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """Cells of the markdown table's rows (header first, separator dropped)."""
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in markdown.splitlines() if line.startswith("|")]
+    return [rows[0], *rows[2:]]
+
+
+def test_summary_table_lists_jobs_in_order_with_varying_overrides_and_failures(tmp_path):
+    fake_sweep(tmp_path)
+    markdown = write_summary(tmp_path)
+    assert markdown == (tmp_path / "summary.md").read_text()
+    rows = table_rows(markdown)
+    assert rows[0] == ["job", "solver.base_lr", "seed", "Rank-1", "mAP", "mINP", "status"]
+    assert rows[1:] == [
+        ["0", "1e-4", "1", "50.00", "30.00", "5.00", "ok"],
+        ["1", "1e-4", "2", "51.00", "31.00", "5.00", "ok"],
+        ["2", "3.5e-4", "1", "-", "-", "-", "failed"],
+        ["10", "3.5e-4", "2", "60.00", "40.50", "9.25", "ok"],
+    ]
+    assert "Overrides shared by all jobs: `experiment=quickstart`" in markdown
+    assert "Best mAP: 40.50 (job 10)" in markdown
+
+
+def test_summary_csv_holds_every_metric_and_the_full_overrides(tmp_path):
+    fake_sweep(tmp_path)
+    write_summary(tmp_path)
+    with open(tmp_path / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["job"] for r in rows] == ["0", "1", "2", "10"]
+    assert rows[3]["overrides"] == "experiment=quickstart solver.base_lr=3.5e-4 seed=2"
+    assert (rows[3]["Rank-5"], rows[3]["mAP"], rows[3]["status"]) == ("80.0", "40.5", "ok")
+    assert (rows[2]["mAP"], rows[2]["status"]) == ("", "failed")
+
+
+def test_summary_finds_nested_job_dirs_and_ignores_other_files(tmp_path):
+    make_job(tmp_path, "lr=1e-4/seed=1", ["solver.base_lr=1e-4", "seed=1"], {"Rank-1": 1.0, "mAP": 2.0, "mINP": 3.0})
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
+    (tmp_path / "lr=1e-4" / "notes.txt").write_text("x")
+    (job,) = collect_jobs(tmp_path)
+    assert (job.job, job.overrides, job.metrics["mAP"]) == ("lr=1e-4/seed=1", ["solver.base_lr=1e-4", "seed=1"], 2.0)
+
+
+def test_sampled_floats_are_shortened_in_the_table_only(tmp_path):
+    assert short_value("0.00010134344267417033") == "0.0001013"
+    assert [short_value(v) for v in ("3.5e-4", "[5]", "bot_r18", "12345678901")] == ["3.5e-4", "[5]", "bot_r18", "12345678901"]
+    for num, lr in enumerate(["0.00010134344267417033", "0.00035"]):
+        make_job(tmp_path, str(num), [f"solver.base_lr={lr}"], {"Rank-1": 1.0, "mAP": 2.0, "mINP": 3.0})
+    write_summary(tmp_path)
+    assert table_rows((tmp_path / "summary.md").read_text())[1][1] == "0.0001013"
+    assert "0.00010134344267417033" in (tmp_path / "summary.csv").read_text()
+
+
+def test_callback_writes_after_multirun_jobs_only_and_prints_at_the_end(tmp_path, capsys):
+    fake_sweep(tmp_path)
+    callback = SweepSummary()
+    run_cfg = OmegaConf.create({"hydra": {"mode": RunMode.RUN, "sweep": {"dir": str(tmp_path)}}})
+    callback.on_job_end(run_cfg, job_return=None)
+    assert not (tmp_path / "summary.md").exists()
+    multirun_cfg = OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN, "sweep": {"dir": str(tmp_path)}}})
+    callback.on_job_end(multirun_cfg, job_return=None)
+    assert (tmp_path / "summary.md").is_file() and (tmp_path / "summary.csv").is_file()
+    assert capsys.readouterr().out == ""
+    callback.on_multirun_end(multirun_cfg)
+    assert "| 10 | 3.5e-4 | 2 | 60.00 | 40.50 | 9.25 | ok |" in capsys.readouterr().out
+
+
+def compose_with_hydra(overrides: list[str]):
+    """conf/train.yaml composed with its ``hydra`` node, as a multirun sees it."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+
+
+def test_summary_callback_is_registered_in_the_hydra_config():
+    cfg = compose_with_hydra([])
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "reid_lightning.engine.sweep_summary.SweepSummary"
+
+
+def test_bot_optuna_search_composes_with_the_optuna_sweeper():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the optuna extra is not installed")
+    cfg = compose_with_hydra(["hparams_search=bot_optuna"])
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_ == "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    assert cfg.hydra.mode == RunMode.MULTIRUN
+    assert sweeper.direction == "maximize" and sweeper.n_trials >= 2
+    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler" and sweeper.sampler.seed is not None
+    assert set(sweeper.params) == {"solver.base_lr", "solver.weight_decay", "model.triplet_margin", "model.ce_eps"}
+    assert sweeper.params["solver.base_lr"].startswith("tag(log, interval(")
+    # every searched key exists in the composed config
+    for key in sweeper.params:
+        assert OmegaConf.select(cfg, key) is not None, key
+    assert cfg.solver.weight_decay_norm == cfg.solver.weight_decay == cfg.solver.weight_decay_bias
+
+
+@pytest.mark.slow
+def test_sweep_writes_a_summary_with_the_failed_job(demo_root, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_script(
+        ["-m", *TINY, f"paths.data_dir={demo_root}", f"hydra.sweep.dir={sweep_dir}", "solver.base_lr=3.5e-4,-1.0"],
+        cwd=tmp_path,
+    )
+    # Hydra's basic sweeper stops at the failed job (Adam refuses lr=-1) and exits non-zero
+    assert proc.returncode != 0 and "Invalid learning rate" in proc.stderr + proc.stdout, explain(proc)
+    metrics = json.loads((sweep_dir / "0" / "metrics.json").read_text())
+    rows = table_rows((sweep_dir / "summary.md").read_text())
+    assert rows[0] == ["job", "solver.base_lr", "Rank-1", "mAP", "mINP", "status"]
+    assert rows[1] == ["0", "0.00035", f"{metrics['Rank-1']:.2f}", f"{metrics['mAP']:.2f}", f"{metrics['mINP']:.2f}", "ok"]
+    assert rows[2] == ["1", "-1.0", "-", "-", "-", "failed"]
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_two_trials_and_summarises_them(demo_root, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the optuna extra is not installed")
+    sweep_dir = tmp_path / "sweep"
+    proc = run_script(
+        [*TINY, f"paths.data_dir={demo_root}", f"hydra.sweep.dir={sweep_dir}", "hparams_search=bot_optuna",
+         "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=1"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, explain(proc)
+    maps = [json.loads((sweep_dir / str(n) / "metrics.json").read_text())["mAP"] for n in (0, 1)]
+    results = OmegaConf.load(sweep_dir / "optimization_results.yaml")
+    assert results.best_value == pytest.approx(max(maps))
+    assert set(results.best_params) == {"solver.base_lr", "solver.weight_decay", "model.triplet_margin", "model.ce_eps"}
+    rows = table_rows((sweep_dir / "summary.md").read_text())
+    assert [r[0] for r in rows[1:]] == ["0", "1"] and all(r[-1] == "ok" for r in rows[1:])
+    assert {"solver.base_lr", "solver.weight_decay", "model.ce_eps"} <= set(rows[0])
+    assert sorted(os.listdir(tmp_path)) == ["sweep"]
