@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from reid_lightning.engine.checkpoint import load_checkpoint, load_model_weights, num_classes_of
+from reid_lightning.engine.ddp_launch import hydra_job_ddp
 from reid_lightning.engine.module import ReIDModule
 from reid_lightning.engine.runner import build_trainer, to_report, write_metrics
 from reid_lightning.evaluation import save_cmc_curve, save_rank_lists
@@ -62,7 +63,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     load_model_weights(module, ckpt["state_dict"], source=str(cfg.ckpt_path), strict=cfg.get("strict_load", True))
 
     trainer = build_trainer(cfg, callbacks=[], loggers=[])
-    trainer.test(module, datamodule=datamodule, verbose=False)
+    with hydra_job_ddp(trainer):  # DDP children of this job only (multirun sweeps)
+        trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = to_report(module.last_test_metrics)
     if not trainer.is_global_zero:
         return metrics
