@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,38 @@ def compose_train(overrides: list[str], output_dir: Path | None = None) -> DictC
     with open_dict(cfg):
         del cfg["hydra"]  # as in a real run: the job config holds no hydra node
     return cfg
+
+
+def script_command(script: str, args: list[str], threads: int = 1, full_error: bool = True) -> tuple[list[str], dict[str, str]]:
+    """Command line and environment that run ``scripts/<script>`` as a user would, with ``tests/``
+    importable (for test-only callbacks and hooks) and ``threads`` torch threads."""
+    env = {
+        **os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    if full_error:
+        env["HYDRA_FULL_ERROR"] = "1"
+    else:
+        env.pop("HYDRA_FULL_ERROR", None)
+    return [sys.executable, str(REPO_ROOT / "scripts" / script), *args], env
+
+
+def explain(proc: subprocess.CompletedProcess) -> str:
+    """Return code and the tails of a finished script's output, for assertion messages."""
+    return f"rc={proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+
+
+def run_script(
+    script: str, args: list[str], cwd: Path, *, check: bool = True, threads: int = 1,
+    full_error: bool = True, timeout: int = 900,
+) -> subprocess.CompletedProcess:
+    """Run ``scripts/<script>`` with ``args`` (see :func:`script_command`); with ``check`` a
+    non-zero exit fails the test with the script's output."""
+    command, env = script_command(script, args, threads, full_error)
+    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"{script} failed: {explain(proc)}"
+    return proc
 
 
 @pytest.fixture

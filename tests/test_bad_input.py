@@ -7,9 +7,6 @@ non-strict on request), pickled code (refused, not run), truncated file.
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-from conftest import CONF_DIR, REPO_ROOT, compose_train
+from conftest import CONF_DIR, compose_train, run_script
 from reid_lightning.engine.checkpoint import load_model_weights
 from reid_lightning.engine.evaluate import evaluate
 from reid_lightning.engine.module import ReIDModule
@@ -85,15 +82,6 @@ def compose_eval(overrides: list[str], output_dir: Path) -> DictConfig:
 def train_tiny(data_root: Path, run_dir: Path, extra: list[str] = (), data: str = "folder") -> dict[str, float]:
     """``runner.train`` on the ``data`` set at ``data_root`` with the TINY settings and ``extra`` overrides."""
     return train(compose_train([f"data={data}", *TINY, f"paths.data_dir={data_root}", *extra], output_dir=run_dir))
-
-
-def run_train_script(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """Run ``scripts/train.py`` as a user would (no HYDRA_FULL_ERROR); the caller checks the outcome."""
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), *args],
-        cwd=cwd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
-    )
 
 
 class SnapshotWeights(pl.Callback):
@@ -188,7 +176,10 @@ def test_queries_without_gallery_match_fail_the_evaluation(tmp_path: Path) -> No
     ids=["unknown group option", "missing data root"],
 )
 def test_train_script_exits_with_the_problem_named(tmp_path: Path, overrides: list[str], expected: list[str]) -> None:
-    proc = run_train_script([*overrides, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    # as a user would run it: no HYDRA_FULL_ERROR
+    proc = run_script(
+        "train.py", [*overrides, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False, full_error=False, timeout=300
+    )
     assert proc.returncode != 0
     for text in expected:
         assert text in proc.stderr, proc.stderr[-3000:]

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ import torch
 from pytorch_lightning.plugins import TorchSyncBatchNorm
 from torch import nn
 
-from conftest import REPO_ROOT, compose_train
+from conftest import compose_train, run_script
 from reid_lightning.data.datasets.demo import prepare_demo
 from reid_lightning.engine.module import ReIDModule
 from reid_lightning.engine.runner import build_datamodule, build_model
@@ -48,20 +45,6 @@ class DumpModelState(pl.Callback):
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: ReIDModule) -> None:
         self._dump("test_start", trainer, pl_module)
-
-
-def run_script(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """Run ``scripts/<script>`` with ``args``, this folder importable; fail with its output on error."""
-    env = {
-        **os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / script), *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return proc
 
 
 # a demo set of 40 identities (20 for training, about 250 test images) keeps every pass short

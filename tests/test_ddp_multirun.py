@@ -21,9 +21,9 @@ from hydra.types import RunMode
 from omegaconf import open_dict
 from pytorch_lightning.strategies.launchers import subprocess_script
 
-from conftest import CONF_DIR, compose_train
+from conftest import CONF_DIR, compose_train, explain, run_script
 from reid_lightning.engine.ddp_launch import DDP_ENV_VARS, child_command, config_flags, hydra_job_ddp
-from test_sweeps import TINY, explain, run_script, table_rows
+from test_sweeps import TINY, table_rows
 
 
 def test_ddp_cpu_config_is_two_gloo_processes_in_float32(tmp_path):
@@ -137,7 +137,7 @@ def rank1_seeds(output: str) -> list[str]:
 @pytest.mark.slow
 def test_multirun_with_ddp_gives_each_job_its_own_children(demo_root, tmp_path):
     # default (time-stamped) sweep dir: a child that re-ran the sweep would make a second one
-    proc = run_script(["-m", *TINY, f"paths.data_dir={demo_root}", "trainer=ddp_cpu", "seed=1,2"], cwd=tmp_path, threads=1)
+    proc = run_script("train.py", ["-m", *TINY, f"paths.data_dir={demo_root}", "trainer=ddp_cpu", "seed=1,2"], cwd=tmp_path, check=False, timeout=400)
     assert proc.returncode == 0, explain(proc)
     output = proc.stdout + proc.stderr
     assert output.count("Launching 2 jobs") == 1, "a DDP child ran the sweep again"
@@ -159,9 +159,9 @@ def test_multirun_with_ddp_gives_each_job_its_own_children(demo_root, tmp_path):
 def test_a_failed_ddp_job_does_not_break_the_next_one(demo_root, tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = run_script(
-        ["-m", *TINY, f"paths.data_dir={demo_root}", f"hydra.sweep.dir={sweep_dir}", "trainer=ddp_cpu",
+        "train.py", ["-m", *TINY, f"paths.data_dir={demo_root}", f"hydra.sweep.dir={sweep_dir}", "trainer=ddp_cpu",
          "solver.base_lr=-1.0,3.5e-4"],
-        cwd=tmp_path, threads=1,
+        cwd=tmp_path, check=False, timeout=400,
     )
     # the basic sweeper runs the whole batch, then exits non-zero for the failed job 0
     assert proc.returncode == 1 and "Invalid learning rate" in proc.stdout + proc.stderr, explain(proc)
@@ -173,7 +173,7 @@ def test_a_failed_ddp_job_does_not_break_the_next_one(demo_root, tmp_path):
 
 @pytest.mark.slow
 def test_single_run_with_ddp_still_works(demo_root, tmp_path):
-    proc = run_script([*TINY, f"paths.data_dir={demo_root}", "trainer=ddp_cpu", "seed=3"], cwd=tmp_path, threads=1)
+    proc = run_script("train.py", [*TINY, f"paths.data_dir={demo_root}", "trainer=ddp_cpu", "seed=3"], cwd=tmp_path, check=False, timeout=400)
     assert proc.returncode == 0, explain(proc)
     assert rank1_seeds(proc.stdout + proc.stderr) == ["3"]
     (run_dir,) = (tmp_path / "outputs" / "quickstart" / "runs").iterdir()

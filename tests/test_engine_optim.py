@@ -1,5 +1,4 @@
 """Optimizer parameter groups and the warmup + multistep schedule at key iterations."""
-import math
 
 import pytest
 import torch

@@ -18,7 +18,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from omegaconf import OmegaConf, open_dict
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger
 
-from conftest import REPO_ROOT, compose_train
+from conftest import compose_train, run_script, script_command
 from reid_lightning.data import ImageDataset, SeededSampler, build_train_transforms
 from reid_lightning.data.datasets.demo import prepare_demo
 from reid_lightning.data.samples import Sample
@@ -60,24 +59,10 @@ def small_demo_root(tmp_path_factory) -> Path:
     return root
 
 
-def train_command(args: list[str]) -> tuple[list[str], dict[str, str]]:
-    env = {
-        **os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
-    }
-    return [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), *args], env
-
-
-def run_train(args: list[str], cwd: Path) -> None:
-    command, env = train_command(args)
-    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-
-
 def kill_after_iteration(args: list[str], run_dir: Path, iteration: int, cwd: Path) -> None:
     """Start ``train.py`` and SIGKILL it once its ``metrics.jsonl`` (PeriodicWriter, period 1)
     records ``iteration``."""
-    command, env = train_command(args)
+    command, env = script_command("train.py", args)
     log_path = cwd / f"{run_dir.name}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -127,7 +112,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(small_demo_r
     # one persistent loader worker: its batches must not depend on the process that drew them
     args = [*TINY, "data.num_workers=1", "hooks.periodic_writer.period=1", f"paths.data_dir={small_demo_root}"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    run_train([*args, f"hydra.run.dir={whole}"], cwd=tmp_path)
+    run_script("train.py", [*args, f"hydra.run.dir={whole}"], cwd=tmp_path)
 
     # killed after the first step of epoch 1 (steps 4-7), in the warmup: last.ckpt holds epoch 0
     kill_after_iteration([*args, f"hydra.run.dir={broken}"], broken, STEPS_PER_EPOCH, cwd=tmp_path)
@@ -136,7 +121,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(small_demo_r
     assert (killed_at["epoch"], killed_at["global_step"]) == (0, STEPS_PER_EPOCH)
     assert not (broken / "metrics.json").exists()
 
-    run_train([*args, f"hydra.run.dir={broken}", "resume=true"], cwd=tmp_path)
+    run_script("train.py", [*args, f"hydra.run.dir={broken}", "resume=true"], cwd=tmp_path)
     expected = torch.load(whole / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     resumed = torch.load(last, map_location="cpu", weights_only=True)
     assert (resumed["epoch"], resumed["global_step"]) == (2, 3 * STEPS_PER_EPOCH)

@@ -4,8 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, REPO_ROOT
+from conftest import CONF_DIR, explain, run_script
 from reid_lightning.engine.sweep_summary import SweepSummary, collect_jobs, short_value, write_summary
 
 # a training job of a few seconds: 2 iterations of ResNet-18 on 32x16 demo images, no validation
@@ -24,19 +22,6 @@ TINY = [
     "+trainer.limit_train_batches=2", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
     "callbacks=none", "hooks=none", "logger=csv",
 ]
-
-
-def run_script(args: list[str], cwd: Path, threads: int = 2, timeout: int = 400) -> subprocess.CompletedProcess:
-    """Run ``scripts/train.py`` with ``args`` in ``cwd``; the caller checks the return code."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-    )
-
-
-def explain(proc: subprocess.CompletedProcess) -> str:
-    return f"rc={proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
 
 
 def make_job(sweep_dir: Path, name: str, overrides: list[str], metrics: dict | None) -> None:
@@ -154,8 +139,8 @@ def test_bot_optuna_search_composes_with_the_optuna_sweeper():
 def test_sweep_writes_a_summary_with_the_failed_job(demo_root, tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = run_script(
-        ["-m", *TINY, f"paths.data_dir={demo_root}", f"hydra.sweep.dir={sweep_dir}", "solver.base_lr=3.5e-4,-1.0"],
-        cwd=tmp_path,
+        "train.py", ["-m", *TINY, f"paths.data_dir={demo_root}", f"hydra.sweep.dir={sweep_dir}", "solver.base_lr=3.5e-4,-1.0"],
+        cwd=tmp_path, check=False, threads=2, timeout=400,
     )
     # Hydra's basic sweeper stops at the failed job (Adam refuses lr=-1) and exits non-zero
     assert proc.returncode != 0 and "Invalid learning rate" in proc.stderr + proc.stdout, explain(proc)
@@ -171,9 +156,9 @@ def test_optuna_search_runs_two_trials_and_summarises_them(demo_root, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the optuna extra is not installed")
     sweep_dir = tmp_path / "sweep"
     proc = run_script(
-        [*TINY, f"paths.data_dir={demo_root}", f"hydra.sweep.dir={sweep_dir}", "hparams_search=bot_optuna",
+        "train.py", [*TINY, f"paths.data_dir={demo_root}", f"hydra.sweep.dir={sweep_dir}", "hparams_search=bot_optuna",
          "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=1"],
-        cwd=tmp_path,
+        cwd=tmp_path, check=False, threads=2, timeout=400,
     )
     assert proc.returncode == 0, explain(proc)
     maps = [json.loads((sweep_dir / str(n) / "metrics.json").read_text())["mAP"] for n in (0, 1)]

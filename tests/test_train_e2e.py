@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT
+from conftest import run_script
 
 pytestmark = pytest.mark.slow
 
@@ -24,25 +21,6 @@ QUICK = [
     "data.height=64", "data.width=32", "data.num_workers=0",
     "solver.max_epochs=6", "solver.eval_period=1", "solver.warmup_iters=30", "solver.milestones=[5]",
 ]
-
-
-def run_script(script: str, args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run ``scripts/<script>`` with ``args`` as a user would; fail with its output on error."""
-    env = {
-        **os.environ, "OMP_NUM_THREADS": "2", "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / script), *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-    )
-    assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return proc
-
-
-def run_train(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run ``scripts/train.py`` with ``args`` (see :func:`run_script`)."""
-    return run_script("train.py", args, cwd, timeout)
 
 
 def logged_column(run_dir: Path, column: str) -> list[float]:
@@ -58,7 +36,7 @@ def trained_run(demo_root, tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
     run_dir = work / "run"
     hooks = ["+hooks.step_timer._target_=example_hooks.StepTimer", "+hooks.step_timer.period=5"]
-    proc = run_train([*QUICK, *hooks, f"paths.data_dir={demo_root}", f"hydra.run.dir={run_dir}"], cwd=work)
+    proc = run_script("train.py", [*QUICK, *hooks, f"paths.data_dir={demo_root}", f"hydra.run.dir={run_dir}"], cwd=work, threads=2)
     return run_dir, proc
 
 
@@ -93,7 +71,7 @@ def test_eval_script_reproduces_the_test_metrics_and_draws_pictures(trained_run,
         "eval.py",
         [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={out}",
          "rank_lists.num_queries=4", "export_features=true", "evaluation.tpr_fprs=[1e-2]", "trainer=cpu"],
-        cwd=tmp_path,
+        cwd=tmp_path, threads=2,
     )
     trained = json.loads((run_dir / "metrics.json").read_text())
     evaluated = json.loads((out / "metrics.json").read_text())
