@@ -119,7 +119,7 @@ def test_sync_batchnorm_keeps_the_bnneck_bias_frozen(small_demo_root: Path, tmp_
          f"paths.data_dir={small_demo_root}"],
         output_dir=tmp_path,
     )
-    datamodule = build_datamodule(cfg)
+    datamodule = build_datamodule(cfg.data)
     module = ReIDModule(build_model(cfg, datamodule.num_classes), solver=cfg.solver)
     # what Trainer(sync_batchnorm=True) applies to the module under DDP before building the optimizer
     module = TorchSyncBatchNorm().apply(module)

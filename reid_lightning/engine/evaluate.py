@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from reid_lightning.engine.checkpoint import load_checkpoint, load_model_weights, num_classes_of
 from reid_lightning.engine.ddp_launch import hydra_job_ddp
 from reid_lightning.engine.module import ReIDModule
-from reid_lightning.engine.runner import build_trainer, to_report, write_metrics
+from reid_lightning.engine.runner import build_datamodule, build_trainer, to_report, write_metrics
 from reid_lightning.evaluation import save_cmc_curve, save_rank_lists
 
 
@@ -52,9 +52,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     saved = OmegaConf.create(ckpt["reid_config"])
 
     data_cfg = cfg.data if cfg.get("data") is not None else saved.data
-    datamodule = instantiate(data_cfg, _convert_="all")
-    datamodule.prepare_data()
-    datamodule.setup("test")
+    datamodule = build_datamodule(data_cfg)
 
     model = instantiate(saved.model, num_classes=num_classes_of(ckpt), pretrained="none", _convert_="all")
     want_outputs = bool(cfg.export_features or cfg.rank_lists.num_queries or cfg.cmc_curve)

@@ -49,10 +49,10 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
 
 
-def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
-    """Instantiate ``cfg.data``, generate the demo set if needed and parse the splits."""
+def build_datamodule(data_cfg: DictConfig) -> pl.LightningDataModule:
+    """Instantiate a ``data`` config, generate the demo set if needed and parse the splits."""
     # plain containers: the datamodule's hyper-parameters go into checkpoints (weights_only loading)
-    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule = instantiate(data_cfg, _convert_="all")
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
@@ -106,7 +106,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if pl.utilities.rank_zero_only.rank == 0:
         print_config_tree(cfg, save_to=output_dir / "config_tree.log")
 
-    datamodule = build_datamodule(cfg)
+    datamodule = build_datamodule(cfg.data)
     model = build_model(cfg, datamodule.num_classes)
     plain_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     module = ReIDModule(model, solver=cfg.solver, evaluation=OmegaConf.to_container(cfg.evaluation), cfg=plain_cfg)
