@@ -1,6 +1,7 @@
 """Backbone initial weights: files, torchvision's download, and the shared ImageNet ResNet-50."""
 
 import logging
+import re
 from pathlib import Path
 from urllib.error import URLError
 
@@ -94,6 +95,34 @@ def test_shape_mismatch_is_named(tmp_path, source18):
         build_resnet(18, pretrained=str(path))
 
 
+def test_fp16_overflowed_running_statistics_are_clamped_with_a_warning(tmp_path, source18, caplog):
+    half = {k: v.half() if v.is_floating_point() else v for k, v in source18.state_dict().items()}
+    half["bn1.running_var"][5] = float("inf")
+    half["layer2.0.bn1.running_mean"][0] = float("-inf")
+    path = tmp_path / "overflow.pth"
+    torch.save(half, path)
+    with caplog.at_level(logging.WARNING, logger="reid_lightning.modeling.backbones.pretrained"):
+        model = build_resnet(18, pretrained=str(path))
+    assert "bn1.running_var" in caplog.text and "layer2.0.bn1.running_mean" in caplog.text
+    assert model.bn1.running_var[5].item() == 65504.0
+    assert model.layer2[0].bn1.running_mean[0].item() == -65504.0
+    assert torch.equal(model.bn1.running_var[:5], half["bn1.running_var"][:5].float())
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("layer3.0.conv1.weight", float("nan")), ("layer1.1.bn2.bias", float("inf")), ("bn1.running_var", float("nan"))],
+)
+def test_non_finite_weights_are_refused_by_name(tmp_path, source18, key, value):
+    state = {k: v.clone() for k, v in source18.state_dict().items()}
+    state[key].view(-1)[0] = value
+    state["fc.weight"] = torch.full((1000, 512), float("nan"))  # dropped, so never a reason to refuse
+    path = tmp_path / "non_finite.pth"
+    torch.save(state, path)
+    with pytest.raises(RuntimeError, match=rf"non-finite values in {re.escape(key)}$"):
+        build_resnet(18, pretrained=str(path))
+
+
 def test_imagenet_downloads_torchvision_weights(monkeypatch, source18):
     requested = []
     reference = torchvision.models.resnet18()
@@ -135,6 +164,20 @@ def test_shared_fp16_weights_equal_the_file_cast_to_float32():
     assert model.conv1.weight.dtype == torch.float32
     assert torch.equal(model.conv1.weight.detach(), state["conv1.weight"].float())
     assert torch.equal(model.layer4[2].bn3.running_var, state["layer4.2.bn3.running_var"].float())
+
+
+@needs_weights
+def test_shared_weights_overflowed_stem_variance_recovers_in_training():
+    # the file's bn1.running_var holds a float16 inf; kept, BatchNorm's momentum update would keep
+    # it infinite through any fine-tuning and the channel would be a constant in eval mode
+    state = torch.load(V1_WEIGHTS, map_location="cpu", weights_only=True)
+    assert not torch.isfinite(state["bn1.running_var"]).all()
+    model = build_resnet(50, stride_in_1x1=True, pretrained=str(V1_WEIGHTS))
+    assert all(torch.isfinite(b).all() for b in model.buffers())
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 64, 32))
+    assert torch.isfinite(model.bn1.running_var).all()
 
 
 def _bn_input_mismatch(model: nn.Module, images: torch.Tensor) -> float:

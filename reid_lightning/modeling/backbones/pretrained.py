@@ -42,7 +42,9 @@ def load_pretrained(model: nn.Module, pretrained: str) -> None:
     Raises:
         FileNotFoundError: the path does not exist.
         RuntimeError: the download failed, or the file lacks some of the model's
-            tensors or has tensors of another shape (their names are listed).
+            tensors, has tensors of another shape, or holds NaN or infinite weights
+            (their names are listed). Infinite BatchNorm running statistics (a float16
+            overflow) are clamped with a warning instead.
         ValueError: ``"imagenet"`` asked for an IBN-a or v1-stride model, for
             which torchvision has no weights.
     """
@@ -121,14 +123,45 @@ def _names(keys: list[str]) -> str:
     return shown if len(keys) <= _SHOWN_NAMES else f"{shown}, ... ({len(keys)} in all)"
 
 
+def _repair_overflowed_statistics(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+    """Clamp infinite BatchNorm running statistics to the largest value of their stored dtype.
+
+    A float16 file cannot hold a running variance above 65504: it becomes ``inf``. (The shared
+    ``resnet50_imagenet_v1_fp16.pth`` has one, in ``bn1.running_var``: its conv1 is scaled for
+    torchvision-normalised input, so the stem's variances run to the ten thousands.) Loaded as
+    is, that channel is a constant in eval mode, and fine-tuning never repairs it, because
+    BatchNorm's momentum update keeps ``inf`` infinite while training normalises the channel by
+    its batch statistics: train and eval then disagree. The stored maximum is the closest
+    value the file allows; training replaces it with real statistics within a few dozen steps.
+
+    Raises:
+        RuntimeError: a NaN anywhere, or an infinite weight (nothing to repair from); the
+            tensors are named.
+    """
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    statistics = [k for k in broken if k.endswith(("running_var", "running_mean")) and not state[k].isnan().any()]
+    unrepairable = [k for k in broken if k not in statistics]
+    if unrepairable:
+        raise RuntimeError(f"Cannot load backbone weights from {source}: non-finite values in {_names(unrepairable)}")
+    state = dict(state)
+    for key in statistics:
+        bound = torch.finfo(state[key].dtype).max
+        count = int((~torch.isfinite(state[key])).sum())
+        state[key] = state[key].clamp(-bound, bound)
+        log.warning(
+            "%s: %d infinite value(s) in %s (%s overflow), clamped to %g; training re-estimates them",
+            source, count, key, state[key].dtype, bound,
+        )
+    return state
+
+
 def _load_checked(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Load ``state`` into ``model``, raising on missing or mis-shaped tensors."""
+    """Load ``state`` into ``model``, raising on missing, mis-shaped or non-finite tensors
+    (infinite running statistics are clamped, see :func:`_repair_overflowed_statistics`)."""
     dtype = next(model.parameters()).dtype
-    state = {
-        _strip_prefixes(k): (v.to(dtype) if v.is_floating_point() else v)
-        for k, v in state.items()
-    }
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state = {_strip_prefixes(k): v for k, v in state.items()}
+    state = _repair_overflowed_statistics({k: v for k, v in state.items() if not k.startswith("fc.")}, source)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     expected = model.state_dict()
     # Checkpoints saved before torch 0.4.1 (and Caffe conversions) have no BN counters.
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
