@@ -106,28 +106,26 @@ def test_center_loss_hand_computed_and_learnable():
     assert center_loss.centers.grad[2].abs().sum() == 0 and center_loss.centers.grad[0].abs().sum() > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_losses_stay_float32_and_finite_under_autocast(dtype):
-    torch.manual_seed(0)
-    features = torch.randn(8, 16)
-    logits = torch.randn(8, 5) * 4
-    ids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    reference = {
+def _every_loss(features: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The label-smoothed CE and each triplet variant of the same batch."""
+    return {
         "ce": cross_entropy_label_smooth(logits, ids),
         "hard": triplet_loss(features, ids),
         "soft": triplet_loss(features, ids, margin=0.0),
         "weighted": triplet_loss(features, ids, hard_mining=False),
         "cosine": triplet_loss(features, ids, norm_feat=True),
     }
-    low_features, low_logits = features.to(dtype), logits.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_losses_stay_float32_and_finite_under_autocast(dtype):
+    torch.manual_seed(0)
+    features = torch.randn(8, 16)
+    logits = torch.randn(8, 5) * 4
+    ids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    reference = _every_loss(features, logits, ids)
     with torch.autocast("cpu", dtype=dtype):
-        results = {
-            "ce": cross_entropy_label_smooth(low_logits, ids),
-            "hard": triplet_loss(low_features, ids),
-            "soft": triplet_loss(low_features, ids, margin=0.0),
-            "weighted": triplet_loss(low_features, ids, hard_mining=False),
-            "cosine": triplet_loss(low_features, ids, norm_feat=True),
-        }
+        results = _every_loss(features.to(dtype), logits.to(dtype), ids)
     for name, value in results.items():
         assert value.dtype == torch.float32, name
         assert torch.isfinite(value), name
