@@ -10,7 +10,7 @@ import pytest
 
 from reid_lightning.data import build_dataset, generate_demo_dataset
 from reid_lightning.data.datasets.demo import demo_dir
-from reid_lightning.data.demo import MARKER_FILE
+from reid_lightning.data.demo_generator import MARKER_FILE
 
 SMALL = {"num_ids": 8, "images_per_id": 4, "num_cams": 3, "size": (32, 16), "num_distractors": 3, "num_junk": 2}
 

@@ -3,7 +3,7 @@ set and the LightningDataModule that ties them together."""
 
 from reid_lightning.data.datamodule import ReIDDataModule
 from reid_lightning.data.datasets import DATASETS, build_dataset
-from reid_lightning.data.demo import generate_demo_dataset
+from reid_lightning.data.demo_generator import generate_demo_dataset
 from reid_lightning.data.image_dataset import ImageDataset, verify_images
 from reid_lightning.data.samplers import IdentitySampler
 from reid_lightning.data.samples import ReIDSplits, Sample

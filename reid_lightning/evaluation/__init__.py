@@ -1,7 +1,7 @@
 """Evaluation: distances, Market-1501 ranking metrics, re-ranking, query expansion, pictures."""
 
 from .distance import compute_distance
-from .flip import extract_features
+from .features import extract_features
 from .metric import ReIDMetric
 from .query_expansion import average_query_expansion
 from .ranking import evaluate_rank, per_query_metrics

@@ -1,4 +1,4 @@
-"""The embedded synthetic demo set (see :mod:`reid_lightning.data.demo`), generated
+"""The embedded synthetic demo set (see :mod:`reid_lightning.data.demo_generator`), generated
 under the data root on first use."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from reid_lightning.data.datasets.market_layout import load_market_layout
-from reid_lightning.data.demo import DEFAULT_NUM_CAMS, generate_demo_dataset
+from reid_lightning.data.demo_generator import DEFAULT_NUM_CAMS, generate_demo_dataset
 from reid_lightning.data.samples import ReIDSplits
 
 

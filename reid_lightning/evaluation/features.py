@@ -1,4 +1,4 @@
-"""Flip test: average the features of an image and of its horizontal mirror."""
+"""Evaluation features of a batch: the model's eval-mode output, optionally averaged with the flip test."""
 
 from __future__ import annotations
 
