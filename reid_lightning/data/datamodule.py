@@ -97,7 +97,7 @@ class ReIDDataModule(pl.LightningDataModule):
         batches_per_epoch: int | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # saved in checkpoints; the runner logs the whole config
         self.dataset = dataset
         self.root = str(root)
         self.dataset_kwargs = dict(dataset_kwargs or {})

@@ -48,6 +48,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from reid_lightning.engine.checkpoint import load_checkpoint
+from reid_lightning.engine.hparams import flatten_config
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +188,8 @@ def _continue_csv(logger: CSVLogger, resume_step: int) -> None:
 
 def _warn_changed_settings(saved: Mapping[str, Any], cfg: DictConfig, path: Path) -> None:
     current = OmegaConf.to_container(cfg, resolve=True)
-    before = _flatten({k: saved.get(k) for k in _COMPARED_KEYS})
-    now = _flatten({k: current.get(k) for k in _COMPARED_KEYS})
+    before = flatten_config({k: saved.get(k) for k in _COMPARED_KEYS})
+    now = flatten_config({k: current.get(k) for k in _COMPARED_KEYS})
     changes = [
         f"{key}: {before.get(key)!r} -> {now.get(key)!r}"
         for key in sorted(before.keys() | now.keys())
@@ -196,15 +197,6 @@ def _warn_changed_settings(saved: Mapping[str, Any], cfg: DictConfig, path: Path
     ]
     if changes:
         log.warning("resuming from %s with settings that differ from its run: %s", path, "; ".join(changes))
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, Mapping):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
 
 
 # ---------------------------------------------------------------------- random generators

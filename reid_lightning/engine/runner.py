@@ -22,6 +22,7 @@ from reid_lightning.engine.checkpoint import load_checkpoint, load_model_weights
 from reid_lightning.engine.checkpoint_io import AtomicCheckpointIO
 from reid_lightning.engine.config_tree import print_config_tree
 from reid_lightning.engine.ddp_launch import hydra_job_ddp
+from reid_lightning.engine.hparams import log_hyperparameters
 from reid_lightning.engine.hooks import build_hooks
 from reid_lightning.engine.module import ReIDModule
 from reid_lightning.engine.resume import ResumePlan, RNGStates
@@ -118,6 +119,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_group(resume.logger_config(cfg.get("logger")))
     resume.keep_logged_history(loggers)
     trainer = build_trainer(cfg, callbacks, loggers)
+    log_hyperparameters(trainer.loggers, cfg)
 
     with hydra_job_ddp(trainer):  # DDP children of this job only (multirun sweeps)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.ckpt_path)
