@@ -22,7 +22,9 @@ from omegaconf import open_dict
 from pytorch_lightning.strategies.launchers import subprocess_script
 
 from conftest import CONF_DIR, compose_train, explain, run_script
-from reid_lightning.engine.ddp_launch import DDP_ENV_VARS, child_command, config_flags, hydra_job_ddp
+from reid_lightning.engine.ddp_launch import (
+    DDP_ENV_VARS, LightningAPIChanged, check_lightning_api, child_command, config_flags, hydra_job_ddp,
+)
 from test_sweeps import TINY, table_rows
 
 
@@ -127,6 +129,38 @@ def test_job_scope_leaves_a_run_without_children_alone(monkeypatch):
     with hydra_job_ddp(trainer):
         os.environ["WORLD_SIZE"] = "2"
     assert os.environ["LOCAL_RANK"] == "1" and os.environ.pop("WORLD_SIZE") == "2"
+
+
+def test_the_private_lightning_api_swapped_for_multirun_ddp_is_still_there():
+    """Fails after a Lightning upgrade that moves it, with a message naming the symbol and version."""
+    try:
+        check_lightning_api()
+    except LightningAPIChanged as error:
+        pytest.fail(str(error))
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ("removed", "_hydra_subprocess_cmd is missing"),
+        ("new signature", r"_hydra_subprocess_cmd\(rank, env\) .* no longer takes \(local_rank\)"),
+        ("called elsewhere", "_call_children_scripts .* no longer calls"),
+    ],
+)
+def test_a_moved_lightning_symbol_is_named_when_a_ddp_job_starts(change, named, monkeypatch):
+    if change == "removed":
+        monkeypatch.delattr(subprocess_script, "_hydra_subprocess_cmd")
+    elif change == "new signature":
+        monkeypatch.setattr(subprocess_script, "_hydra_subprocess_cmd", lambda rank, env: ([], "."))
+    else:
+        monkeypatch.setattr(subprocess_script._SubprocessScriptLauncher, "_call_children_scripts", lambda self: None)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(launcher=SimpleNamespace(procs=[])))
+    with pytest.raises(LightningAPIChanged, match=named) as error:
+        with hydra_job_ddp(trainer):
+            pass
+    assert f"pytorch_lightning {pl.__version__}" in str(error.value)
+    with hydra_job_ddp(SimpleNamespace(strategy=SimpleNamespace(launcher=None))):  # one device: nothing to swap
+        pass
 
 
 def rank1_seeds(output: str) -> list[str]:

@@ -13,6 +13,12 @@ the span of one job; ``runner.train`` calls it as::
 
 Children are then started in single-run mode with the job's own overrides
 (``HydraConfig.get().overrides.task``) and write into the job's own output dir.
+
+This module is the package's only user of Lightning's private API: the module-level function
+``_hydra_subprocess_cmd`` of ``pytorch_lightning.strategies.launchers.subprocess_script``, which
+``_SubprocessScriptLauncher`` calls to build a child's command, and the launcher's ``procs``
+list. :func:`check_lightning_api` verifies both and names what moved when a Lightning upgrade
+moves them.
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ import logging
 import os
 import subprocess
 import sys
+import dis
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -41,6 +49,43 @@ DROPPED_HYDRA_OVERRIDES = (
     "hydra.sweeper", "hydra/sweeper", "hydra.launcher", "hydra/launcher",
 )
 CHILD_EXIT_TIMEOUT_S = 120
+# the private names of pytorch_lightning.strategies.launchers.subprocess_script that are swapped or read
+CHILD_COMMAND_FUNCTION = "_hydra_subprocess_cmd"
+LAUNCHER_CLASS = "_SubprocessScriptLauncher"
+
+
+class LightningAPIChanged(RuntimeError):
+    """The installed Lightning no longer has the private launcher API that :func:`hydra_job_ddp` swaps."""
+
+
+def check_lightning_api() -> None:
+    """Check that Lightning still builds its DDP children's commands where :func:`hydra_job_ddp` swaps it.
+
+    Raises:
+        LightningAPIChanged: naming the moved symbol and the installed Lightning version, when
+            ``subprocess_script._hydra_subprocess_cmd`` is missing or no longer takes ``local_rank``,
+            when ``_SubprocessScriptLauncher._call_children_scripts`` no longer looks it up as a
+            module global (swapping it would then change nothing), or when the launcher keeps its
+            children elsewhere than in ``procs``.
+    """
+    where = f"pytorch_lightning.strategies.launchers.subprocess_script (pytorch_lightning {pl.__version__})"
+    function = getattr(subprocess_script, CHILD_COMMAND_FUNCTION, None)
+    if function is None:
+        raise LightningAPIChanged(f"{CHILD_COMMAND_FUNCTION} is missing from {where}: {__name__} cannot start "
+                                  "DDP children per Hydra job; use a Lightning version that has it")
+    if list(inspect.signature(function).parameters) != ["local_rank"]:
+        raise LightningAPIChanged(f"{CHILD_COMMAND_FUNCTION}{inspect.signature(function)} of {where} no longer "
+                                  f"takes (local_rank): {__name__}.child_command does not fit it")
+    launcher = getattr(subprocess_script, LAUNCHER_CLASS, None)
+    starter = getattr(launcher, "_call_children_scripts", None)
+    if starter is None or not any(
+        op.opname == "LOAD_GLOBAL" and op.argval == CHILD_COMMAND_FUNCTION for op in dis.get_instructions(starter)
+    ):
+        raise LightningAPIChanged(f"{LAUNCHER_CLASS}._call_children_scripts of {where} no longer calls the module's "
+                                  f"{CHILD_COMMAND_FUNCTION}: swapping it in {__name__} would have no effect")
+    if "procs" not in launcher.__init__.__code__.co_names:
+        raise LightningAPIChanged(f"{LAUNCHER_CLASS} of {where} keeps no `procs` list of its children: "
+                                  f"{__name__}.release_children cannot end a job's children")
 
 
 def config_flags(argv: list[str]) -> list[str]:
@@ -130,12 +175,16 @@ def hydra_job_ddp(trainer: pl.Trainer) -> Iterator[None]:
     block ends, normally or by an error, :func:`release_children` ends the job's children,
     process group and DDP environment, so the next job of a sweep starts its own children
     on a fresh port.
+
+    Raises:
+        LightningAPIChanged: the trainer's strategy has a launcher and the installed Lightning
+            moved the API swapped here (:func:`check_lightning_api`). A trainer without a
+            launcher (one device, or a DDP child) starts no children and is not checked.
     """
-    if not hasattr(subprocess_script, "_hydra_subprocess_cmd"):
-        raise RuntimeError(
-            "pytorch_lightning.strategies.launchers.subprocess_script._hydra_subprocess_cmd is missing: "
-            f"reid_lightning.engine.ddp_launch does not support pytorch_lightning {pl.__version__}"
-        )
+    if trainer.strategy.launcher is None:
+        yield
+        return
+    check_lightning_api()
     saved_env = {name: os.environ.get(name) for name in DDP_ENV_VARS}
     lightning_command = subprocess_script._hydra_subprocess_cmd
     subprocess_script._hydra_subprocess_cmd = child_command

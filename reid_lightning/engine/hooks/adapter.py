@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
-from lightning_fabric.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from reid_lightning.engine.hooks.events import EventStorage
 from reid_lightning.engine.hooks.view import TrainerView
