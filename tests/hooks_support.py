@@ -11,6 +11,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -87,7 +88,7 @@ class Recorder(HookBase):
     Args:
         tag: label of this hook in the events (to check interleaving).
         events: list to append to (shared by several recorders); a new one when None.
-        out_dir: when set, ``after_train`` writes the events and ``comm.all_gather(rank)`` to
+        out_dir: when set, ``after_train`` writes the events and every rank's rank, gathered, to
             ``<out_dir>/<tag>_rank<r>.json`` (to collect results from ddp_spawn processes).
     """
 
@@ -119,9 +120,11 @@ class Recorder(HookBase):
         self._record("after_train")
         if self.out_dir is not None:
             rank = comm.get_rank()
+            gathered = [None] * comm.get_world_size()
+            dist.all_gather_object(gathered, rank)  # a collective in after_train: every rank gets there
             result = {
-                "events": self.events, "gathered": comm.all_gather(rank), "world_size": comm.get_world_size(),
-                "local_rank": comm.get_local_rank(), "start_iter": self.trainer.start_iter,
+                "events": self.events, "gathered": gathered, "world_size": comm.get_world_size(),
+                "rank": self.trainer.pl_trainer.global_rank, "start_iter": self.trainer.start_iter,
                 "max_iter": self.trainer.max_iter,
             }
             (Path(self.out_dir) / f"{self.tag}_rank{rank}.json").write_text(json.dumps(result))

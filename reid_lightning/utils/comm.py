@@ -5,16 +5,11 @@ functions read it and fall back to single-process answers when it is not initial
 
     if comm.is_main_process():
         write_file(...)
-    per_rank = comm.all_gather(len(my_items))   # [n_rank0, n_rank1, ...] on every rank
-
-Collective calls (``synchronize``, ``all_gather``, ``all_reduce_mean_``) must be made by every
-rank, in the same order.
+    comm.all_reduce_mean_(bn_statistics)   # every rank, in the same order
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,46 +29,9 @@ def get_rank() -> int:
     return dist.get_rank() if _initialized() else 0
 
 
-def get_local_rank() -> int:
-    """Rank of this process on its machine.
-
-    Read from ``LOCAL_RANK`` (set by Lightning's launchers and torchrun), else ``SLURM_LOCALID``;
-    else the global rank (one machine); 0 without torch.distributed.
-    """
-    if not _initialized():
-        return 0
-    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
-        if name in os.environ:
-            return int(os.environ[name])
-    return dist.get_rank()
-
-
 def is_main_process() -> bool:
     """True on global rank 0: the process that writes files and prints."""
     return get_rank() == 0
-
-
-def synchronize() -> None:
-    """Barrier across all ranks; a no-op in one process."""
-    if get_world_size() > 1:
-        dist.barrier()
-
-
-def all_gather(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (any picklable object), in rank order.
-
-    Args:
-        obj: this rank's object.
-
-    Returns:
-        ``[obj_rank0, obj_rank1, ...]`` on every rank; ``[obj]`` in one process.
-    """
-    world_size = get_world_size()
-    if world_size == 1:
-        return [obj]
-    gathered: list[Any] = [None] * world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
 
 
 def all_reduce_mean_(tensors: Iterable[torch.Tensor]) -> None:
