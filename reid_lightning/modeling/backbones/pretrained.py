@@ -126,9 +126,9 @@ def _names(keys: list[str]) -> str:
 def _repair_overflowed_statistics(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
     """Clamp infinite BatchNorm running statistics to the largest value of their stored dtype.
 
-    A float16 file cannot hold a running variance above 65504: it becomes ``inf``. (The shared
-    ``resnet50_imagenet_v1_fp16.pth`` has one, in ``bn1.running_var``: its conv1 is scaled for
-    torchvision-normalised input, so the stem's variances run to the ten thousands.) Loaded as
+    A float16 file cannot hold a running variance above 65504: it becomes ``inf``. (ImageNet
+    ResNet-50 weights saved in float16 can hold one in ``bn1.running_var``: a conv1 scaled for
+    torchvision-normalised input gives stem variances in the ten thousands.) Loaded as
     is, that channel is a constant in eval mode, and fine-tuning never repairs it, because
     BatchNorm's momentum update keeps ``inf`` infinite while training normalises the channel by
     its batch statistics: train and eval then disagree. The stored maximum is the closest
