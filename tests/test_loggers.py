@@ -3,6 +3,7 @@
 MLflow and Weights & Biases are optional extras (``.[mlflow]``, ``.[wandb]``): their tests skip
 when the package is missing. One tiny training run of ``scripts/train.py`` logs to CSV and to
 every installed optional logger: MLflow into its SQLite store in the run dir, W&B in offline mode.
+A run resumed in place (``resume=true``) continues its MLflow run and keeps its W&B run id.
 """
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import json
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from pytorch_lightning.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 from conftest import compose_train, run_script
 from reid_lightning.engine.hparams import flatten_config, log_hyperparameters
+from reid_lightning.engine.resume import ResumePlan
 from reid_lightning.engine.runner import instantiate_group
 
 OPTIONAL = [name for name in ("mlflow", "wandb") if importlib.util.find_spec(name) is not None]
@@ -139,3 +141,36 @@ def test_wandb_offline_run_dir_holds_the_config_and_metrics(logged_run):
         assert key.encode() in data, f"{key} missing from {records}"
     for value in csv_column(logged_run, "val/mAP") + csv_column(logged_run, "test/mAP"):
         assert value.encode() in data, f"logged value {value} missing from {records}"
+
+
+# ---------------------------------------------------------------------- resume=true in place
+def test_a_resumed_wandb_logger_keeps_its_latest_run_id(tmp_path):
+    cfg = compose_train(["logger=wandb"], output_dir=tmp_path)
+    assert ResumePlan("last.ckpt", 7).logger_config(cfg.logger).wandb.id is None  # nothing logged yet
+    for name in ("offline-run-20260101_090000-first1", "offline-run-20260102_080000-second2", "latest-run"):
+        (tmp_path / "wandb" / name).mkdir(parents=True)
+    resumed = ResumePlan("last.ckpt", 7).logger_config(cfg.logger).wandb
+    assert (resumed.id, resumed.resume) == ("second2", "allow")
+    assert ResumePlan("last.ckpt", None).logger_config(cfg.logger).wandb.id is None  # a new run dir: a new run
+
+
+def test_a_resumed_mlflow_logger_continues_its_run_and_keeps_its_params(tmp_path):
+    needs("mlflow")
+    cfg = compose_train(["logger=mlflow", "seed=3"], output_dir=tmp_path)
+    assert ResumePlan("last.ckpt", 7).logger_config(cfg.logger).mlflow.run_id is None  # no store yet
+    (first,) = instantiate_group(cfg.logger)
+    log_hyperparameters([first], cfg)
+    first.log_metrics({"val/mAP": 10.0}, step=3)
+    first.finalize("success")
+
+    with open_dict(cfg):
+        cfg.resume = True
+    resumed_cfg = ResumePlan("last.ckpt", 7).logger_config(cfg.logger)
+    assert resumed_cfg.mlflow.run_id == first.run_id
+    (resumed,) = instantiate_group(resumed_cfg)
+    log_hyperparameters([resumed], cfg)  # MLflow refuses to change a param: resume=false stays logged
+    resumed.log_metrics({"val/mAP": 20.0}, step=8)
+    resumed.finalize("success")
+    run = resumed.experiment.get_run(first.run_id)
+    assert run.data.params["resume"] == "False" and run.data.params["seed"] == "3"
+    assert [m.value for m in resumed.experiment.get_metric_history(first.run_id, "val/mAP")] == [10.0, 20.0]

@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import Logger
+from pytorch_lightning.loggers import Logger, MLFlowLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 
 def flatten_config(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -39,6 +40,9 @@ def flatten_config(tree: Any, prefix: str = "") -> dict[str, Any]:
 def log_hyperparameters(loggers: Iterable[Logger], cfg: DictConfig) -> dict[str, Any]:
     """Log the resolved, flattened ``cfg`` to every logger (each logs on rank 0 only).
 
+    An MLflow run continued by ``resume=true`` gets only the keys it does not hold yet: MLflow
+    refuses to change a logged param (``resume`` itself goes from false to true).
+
     Args:
         loggers: the trainer's loggers (``trainer.loggers``).
         cfg: the run config (without the ``hydra`` node, as ``@hydra.main`` passes it).
@@ -48,5 +52,12 @@ def log_hyperparameters(loggers: Iterable[Logger], cfg: DictConfig) -> dict[str,
     """
     params = flatten_config(OmegaConf.to_container(cfg, resolve=True))
     for logger in loggers:
-        logger.log_hyperparams(params)
+        logger.log_hyperparams(_not_logged_yet(logger, params))
     return params
+
+
+def _not_logged_yet(logger: Logger, params: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(logger, MLFlowLogger) or rank_zero_only.rank != 0:
+        return params
+    held = logger.experiment.get_run(logger.run_id).data.params
+    return {key: value for key, value in params.items() if key not in held}

@@ -24,7 +24,9 @@ and global step; the identity sampler gets the epoch through ``set_epoch``) and 
 * for a run resumed in place, loggers that continue: CSVLogger and TensorBoardLogger write into
   their latest ``version_N`` dir instead of a new one; CSV rows logged before the checkpoint's
   step are kept, later ones (the replayed part of an epoch) dropped; TensorBoard purges its events
-  from that step on (``purge_step``);
+  from that step on (``purge_step``); MLFlowLogger with a local store (``sqlite:``/``file:``)
+  goes on in the store's latest run of its experiment (the replayed steps are logged again);
+  WandbLogger keeps the run id of its latest run under ``save_dir/wandb`` (``resume="allow"``);
 * a warning listing the ``model``/``data``/``solver``/``seed`` settings that differ from the
   checkpoint's run.
 """
@@ -33,6 +35,7 @@ from __future__ import annotations
 import csv
 import logging
 import random
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,7 +47,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from reid_lightning.engine.checkpoint import load_checkpoint
@@ -55,6 +58,8 @@ log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.ckpt"
 # config groups whose change between the checkpoint's run and the resumed run is worth a warning
 _COMPARED_KEYS = ("model", "data", "solver", "seed")
+# a W&B run dir: (offline-)run-<date>_<time>-<run id>
+_WANDB_RUN_DIR = re.compile(r"(?:offline-)?run-(\d{8}_\d{6})-(.+)")
 
 
 @dataclass(frozen=True)
@@ -103,11 +108,12 @@ class ResumePlan:
         return cls(str(path), int(checkpoint["global_step"]) if in_place else None)
 
     def logger_config(self, logger_cfg: DictConfig | None) -> DictConfig | None:
-        """``logger_cfg`` with CSV/TensorBoard loggers pinned to their latest version dir when in place.
+        """``logger_cfg`` with each logger pinned to the run it wrote before, when in place.
 
-        A logger whose ``version`` is set, or whose ``save_dir/name`` holds no ``version_N`` dir
-        yet, is left alone; TensorBoard loggers get ``purge_step`` (events from the resumed step
-        on are dropped).
+        CSV/TensorBoard: the latest ``version_N`` dir (TensorBoard also gets ``purge_step``: events
+        from the resumed step on are dropped). MLflow: ``run_id`` of the latest run of the
+        experiment in a local store. W&B: ``id`` of the latest run under ``save_dir/wandb``. A
+        logger whose version/run is set, or that has written nothing yet, is left alone.
         """
         if self.resume_step is None or not logger_cfg:
             return logger_cfg
@@ -116,6 +122,14 @@ class ResumePlan:
             if not isinstance(node, dict) or "_target_" not in node:
                 continue
             target = get_class(node["_target_"])
+            if issubclass(target, MLFlowLogger) and node.get("run_id") is None:
+                node["run_id"] = latest_mlflow_run(node["tracking_uri"], node.get("experiment_name", "lightning_logs"))
+                continue
+            if issubclass(target, WandbLogger) and node.get("id") is None:
+                run_id = latest_wandb_run(node.get("save_dir") or ".")
+                if run_id is not None:
+                    node.update(id=run_id, resume="allow")
+                continue
             if not issubclass(target, (CSVLogger, TensorBoardLogger)) or node.get("version") is not None:
                 continue
             version = latest_version(node["save_dir"], node.get("name", "lightning_logs"))
@@ -168,6 +182,37 @@ def latest_version(save_dir: str | Path, name: str | None) -> int | None:
         if child.is_dir() and child.name[len("version_"):].isdigit()
     ]
     return max(versions, default=None)
+
+
+def latest_mlflow_run(tracking_uri: str, experiment_name: str) -> str | None:
+    """Id of the most recently started run of ``experiment_name`` in a local MLflow store.
+
+    None for a store that does not exist yet, an experiment without runs, or a remote
+    ``tracking_uri`` (other users' runs may be the latest there).
+    """
+    for scheme in ("sqlite:///", "file:"):
+        if tracking_uri.startswith(scheme):
+            store = Path(tracking_uri[len(scheme):])
+            break
+    else:
+        return None
+    if not store.exists():
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return None
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def latest_wandb_run(save_dir: str | Path) -> str | None:
+    """Run id of the newest ``[offline-]run-<date>_<time>-<id>`` dir under ``save_dir/wandb``, None when none."""
+    names = (child.name for child in (Path(save_dir) / "wandb").glob("*run-*") if child.is_dir())
+    runs = [match.groups() for match in map(_WANDB_RUN_DIR.fullmatch, names) if match]
+    return max(runs)[1] if runs else None
 
 
 @rank_zero_only
