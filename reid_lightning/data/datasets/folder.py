@@ -16,7 +16,7 @@ from reid_lightning.data.datasets.layout import (
     relabel,
     warn_query_without_gallery,
 )
-from reid_lightning.data.datasets.market_layout import MARKET_PATTERN
+from reid_lightning.data.datasets.market_layout import MARKET_PATTERN, parse_market_name
 from reid_lightning.data.samples import ReIDSplits, Sample
 
 CAMERA_PATTERN = r"(?<![A-Za-z])c(\d+)"
@@ -48,10 +48,8 @@ def _read_flat(folder: Path, pattern: re.Pattern[str]) -> list[_RawImage]:
     """Reads a split of Market-named images: identity from group 1, camera from group 2."""
     images = []
     for path in list_images(folder):
-        match = pattern.search(path.name)
-        if match is None:
-            raise ValueError(f"cannot parse identity and camera from image name {path} (pattern {pattern.pattern!r})")
-        images.append(_RawImage(path, str(int(match.group(1))), int(match.group(2))))
+        pid, camera = parse_market_name(path, pattern)
+        images.append(_RawImage(path, str(pid), camera))
     return images
 
 

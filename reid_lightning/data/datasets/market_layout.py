@@ -13,6 +13,22 @@ from reid_lightning.data.samples import ReIDSplits, Sample
 MARKET_PATTERN = re.compile(r"([-\d]+)_c(\d)")
 
 
+def parse_market_name(path: Path, pattern: re.Pattern[str] = MARKET_PATTERN) -> tuple[int, int]:
+    """Identity and one-based camera of a Market-named image (``0002_c1s1_000451_03.jpg`` -> (2, 1)).
+
+    Args:
+        path: the image file.
+        pattern: regular expression searched in the file name, group 1 the pid, group 2 the camera.
+
+    Raises:
+        ValueError: the file name does not match ``pattern`` (the path and pattern are named).
+    """
+    match = pattern.search(path.name)
+    if match is None:
+        raise ValueError(f"cannot parse identity and camera from image name {path} (pattern {pattern.pattern!r})")
+    return int(match.group(1)), int(match.group(2))
+
+
 def parse_market_split(folder: Path, num_cams: int, pattern: re.Pattern[str] = MARKET_PATTERN) -> list[Sample]:
     """Parses one split folder of Market-named images.
 
@@ -34,10 +50,7 @@ def parse_market_split(folder: Path, num_cams: int, pattern: re.Pattern[str] = M
     """
     samples = []
     for path in list_images(folder):
-        match = pattern.search(path.name)
-        if match is None:
-            raise ValueError(f"cannot parse identity and camera from image name {path} (pattern {pattern.pattern!r})")
-        pid, camera = int(match.group(1)), int(match.group(2))
+        pid, camera = parse_market_name(path, pattern)
         if not 1 <= camera <= num_cams:
             raise ValueError(f"camera {camera} of image {path} lies outside 1..{num_cams}")
         if pid == -1:
