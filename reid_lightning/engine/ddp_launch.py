@@ -22,12 +22,12 @@ moves them.
 """
 from __future__ import annotations
 
+import dis
+import inspect
 import logging
 import os
 import subprocess
 import sys
-import dis
-import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 
