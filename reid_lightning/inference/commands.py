@@ -89,7 +89,7 @@ def _verification_inputs(extractor: FeatureExtractor, cfg: DictConfig) -> list[t
         except (KeyError, FileNotFoundError, ValueError) as err:
             log.warning("verifying on random inputs only: no real images (%s); pass verify_input=<folder> to add some", err)
             return inputs
-    inputs.append(torch.stack([extractor.transform(extractor._to_pil(i, p)) for i, p in enumerate(paths[:16])]))
+    inputs.append(extractor.preprocess(paths[:16]))
     return inputs
 
 

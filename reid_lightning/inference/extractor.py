@@ -185,6 +185,15 @@ class FeatureExtractor:
         """Whether features are averaged with those of the mirrored images."""
         return self.model.flip
 
+    def preprocess(self, images: Sequence[ImageInput], offset: int = 0) -> Tensor:
+        """Read and transform images into one ``(N, 3, H, W)`` model input batch.
+
+        Args:
+            images: paths, PIL images or uint8 arrays (see :meth:`__call__`).
+            offset: position of ``images[0]`` in the caller's input, for error messages.
+        """
+        return torch.stack([self.transform(self._to_pil(offset + i, item)) for i, item in enumerate(images)])
+
     def _to_pil(self, index: int, item: ImageInput) -> Image.Image:
         if isinstance(item, (str, Path)):
             return read_image(str(item))
@@ -245,11 +254,10 @@ class FeatureExtractor:
             raise TypeError("pass a list of images (a single image as [image]) or a tensor batch")
         if len(images) == 0:
             raise ValueError("no images given")
-        chunks = []
-        for start in range(0, len(images), step):
-            batch = [self.transform(self._to_pil(start + i, item)) for i, item in enumerate(images[start:start + step])]
-            chunks.append(self.forward_batch(torch.stack(batch), normalize))
-        return torch.cat(chunks)
+        return torch.cat([
+            self.forward_batch(self.preprocess(images[start:start + step], offset=start), normalize)
+            for start in range(0, len(images), step)
+        ])
 
     def extract_folder(
         self,
