@@ -36,14 +36,16 @@ def images_per_second(run: Callable[[], object], batch: int, warmup: int, repeat
     return batch * repeat / (time.perf_counter() - start)
 
 
-def benchmark_model(depth: int, size: tuple[int, int], batches: list[int], warmup: int, repeat: int, workdir: Path) -> list[dict]:
+def benchmark_model(
+    depth: int, size: tuple[int, int], batches: list[int], warmup: int, repeat: int, workdir: Path, threads: int | None
+) -> list[dict]:
     """Images/s of each runtime for each batch size, for one BoT of ``depth`` at ``size``."""
     torch.manual_seed(0)
     extractor = FeatureExtractor(build_bot(num_classes=751, depth=depth).eval(), size, device="cpu")
     module = extractor.model
     runners = {
         "torchscript": load_runtime(export_model(extractor, workdir / f"r{depth}.pt", "torchscript"), "torchscript"),
-        "onnxruntime": load_runtime(export_model(extractor, workdir / f"r{depth}.onnx", "onnx"), "onnx"),
+        "onnxruntime": load_runtime(export_model(extractor, workdir / f"r{depth}.onnx", "onnx"), "onnx", threads),
     }
     rows = []
     for batch in batches:
@@ -74,17 +76,19 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads of torch and onnxruntime (default: each library's own choice)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; warmup {args.warmup}, repeat {args.repeat}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, onnxruntime threads: "
+          f"{args.threads or 'default'}; warmup {args.warmup}, repeat {args.repeat}")
     print("| model | input | batch | eager fp32 img/s | TorchScript img/s (x eager) | onnxruntime img/s (x eager) |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as workdir:
         for text in args.models:
             depth, size = parse_model(text)
-            for row in benchmark_model(depth, size, args.batches, args.warmup, args.repeat, Path(workdir)):
+            for row in benchmark_model(depth, size, args.batches, args.warmup, args.repeat, Path(workdir), args.threads):
                 eager = row["eager"]
                 print(f"| {row['model']} | {row['input']} | {row['batch']} | {eager:.1f} | "
                       f"{row['torchscript']:.1f} ({row['torchscript'] / eager:.2f}x) | "

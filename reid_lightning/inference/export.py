@@ -134,14 +134,23 @@ def write_model_info(extractor: FeatureExtractor, path: str | Path, fmt: str, in
     return info
 
 
-def load_runtime(path: str | Path, fmt: str) -> Callable[[np.ndarray], np.ndarray]:
+def load_runtime(path: str | Path, fmt: str, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """Load an exported model as ``run(images: float32 NCHW array) -> features array``.
 
     ONNX runs in onnxruntime on the CPU provider; TorchScript through ``torch.jit.load``.
+
+    Args:
+        path: the exported file.
+        fmt: ``"onnx"`` or ``"torchscript"``.
+        threads: onnxruntime intra-op threads (default: onnxruntime's choice); TorchScript
+            uses torch's own setting (``torch.set_num_threads``).
     """
     if fmt == "onnx":
         ort = _require("onnxruntime")
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return lambda images: session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
     scripted = torch.jit.load(str(path), map_location="cpu")
 
