@@ -90,3 +90,14 @@ def test_export_py_writes_a_verified_onnx_file_and_its_json(tiny_checkpoint, tmp
     assert info["output"]["l2_normalized"] is True and info["input"]["shape"] == ["batch", 3, 64, 32]
     assert 0 <= info["verified_max_abs_diff"] <= 1e-4
     assert "random inputs only" not in proc.stdout + proc.stderr  # the checkpoint's query images were used
+
+
+def test_export_py_fails_and_removes_the_file_when_the_check_fails(tiny_checkpoint, tmp_path):
+    pytest.importorskip("onnxruntime", reason="export verification needs the deploy extra: pip install -e '.[deploy]'")
+    pytest.importorskip("onnxscript", reason="ONNX export needs the deploy extra: pip install -e '.[deploy]'")
+    # atol=0: onnxruntime's kernels never reproduce PyTorch's 512 float32 outputs bit for bit
+    proc = run_script("export.py", [f"ckpt_path={tiny_checkpoint}", "output=strict.onnx", "atol=0", "verify_batch_sizes=[7]"],
+                     cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "strict.onnx: features of batch 7 differ from PyTorch by" in proc.stderr and "file was removed" in proc.stderr
+    assert not (tmp_path / "strict.onnx").exists() and not (tmp_path / "strict.json").exists()

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from reid_lightning.data.datasets import build_dataset
 from reid_lightning.evaluation.visualize import MATCH_COLOUR, WRONG_COLOUR, draw_rank_strip
-from reid_lightning.inference.export import FORMATS, export_model, verify_export, write_model_info
+from reid_lightning.inference.export import FORMATS, ExportCheckError, export_model, verify_export, write_model_info
 from reid_lightning.inference.extractor import FeatureExtractor, resolve_device
 from reid_lightning.inference.image_files import collect_image_files, market_labels
 from reid_lightning.inference.search import search_gallery
@@ -95,7 +95,8 @@ def _verification_inputs(extractor: FeatureExtractor, cfg: DictConfig) -> list[t
 
 def run_export(cfg: DictConfig) -> Path:
     """Export the checkpoint's model to ``cfg.output`` and write ``<output>.json`` beside it;
-    with ``cfg.verify`` compare the file with PyTorch first (a failed check raises).
+    with ``cfg.verify`` compare the file with PyTorch first (a failed check removes the file
+    and raises :class:`ExportCheckError`).
 
     Returns:
         The exported model file.
@@ -108,7 +109,11 @@ def run_export(cfg: DictConfig) -> Path:
     export_model(extractor, output, cfg.format, cfg.include_normalize)
     extra: dict[str, Any] = {"checkpoint": str(ckpt_path)}
     if cfg.verify:
-        diffs = verify_export(extractor, output, cfg.format, cfg.include_normalize, _verification_inputs(extractor, cfg), atol=cfg.atol)
+        try:
+            diffs = verify_export(extractor, output, cfg.format, cfg.include_normalize, _verification_inputs(extractor, cfg), atol=cfg.atol)
+        except ExportCheckError as err:
+            output.unlink()
+            raise ExportCheckError(f"{err}; the exported file was removed (verify=false exports without the check)") from err
         log.info("verified %s against PyTorch: max abs difference per batch %s", output, diffs)
         extra["verified_max_abs_diff"] = max(diffs.values())
     write_model_info(extractor, output, cfg.format, cfg.include_normalize, **extra)
