@@ -84,3 +84,55 @@ def demo_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("reid_data")
     prepare_demo(root, seed=0)
     return root
+
+
+
+@pytest.fixture(scope="session")
+def tiny_market_root(demo_root, tmp_path_factory) -> Path:
+    """A data root in the Market layout (``data=folder``) with a few demo images: 8 train, the
+    first 6 queries, and the gallery images of their identities plus 4 others."""
+    import shutil
+
+    source = next(demo_root.glob("reid_demo_v1_seed*"))
+    root = tmp_path_factory.mktemp("tiny_market")
+    query = sorted((source / "query").glob("*.jpg"))[:6]
+    pids = {path.name.split("_")[0] for path in query}
+    gallery = sorted((source / "bounding_box_test").glob("*.jpg"))
+    chosen = {
+        "bounding_box_train": sorted((source / "bounding_box_train").glob("*.jpg"))[:8],
+        "query": query,
+        "bounding_box_test": [p for p in gallery if p.name.split("_")[0] in pids] + [p for p in gallery if p.name.split("_")[0] not in pids][:4],
+    }
+    for split, paths in chosen.items():
+        (root / split).mkdir()
+        for path in paths:
+            shutil.copy(path, root / split / path.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_market_root, tmp_path_factory) -> Path:
+    """A checkpoint of an untrained BoT R18 at 64x32 on ``tiny_market_root``, saved as train.py
+    saves one (ReIDModule state_dict + ``reid_config`` from ``on_save_checkpoint``), with
+    BatchNorm statistics from a few random batches so that eval-mode features are not trivial."""
+    from hydra.utils import instantiate
+
+    from reid_lightning.engine.module import ReIDModule
+
+    out = tmp_path_factory.mktemp("tiny_ckpt")
+    cfg = compose_train(
+        ["data=folder", f"paths.data_dir={tiny_market_root}", "model=bot_r18", "model.pretrained=none",
+         "data.height=64", "data.width=32", "data.num_workers=0"],
+        output_dir=out,
+    )
+    torch.manual_seed(0)
+    model = instantiate(cfg.model, num_classes=4, _convert_="all")
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(8, 3, 64, 32) * 2 - 1)
+    module = ReIDModule(model, cfg=cfg)
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    path = out / "tiny.ckpt"
+    torch.save(ckpt, path)
+    return path

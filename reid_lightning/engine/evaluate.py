@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from reid_lightning.engine.checkpoint import load_checkpoint, load_model_weights, num_classes_of
+from reid_lightning.engine.checkpoint import load_checkpoint
 from reid_lightning.engine.ddp_launch import hydra_job_ddp
 from reid_lightning.engine.module import ReIDModule
 from reid_lightning.engine.runner import build_datamodule, build_trainer, to_report, write_metrics
+from reid_lightning.engine.saved_model import rebuild_model
 from reid_lightning.evaluation import save_cmc_curve, save_rank_lists
 
 
@@ -54,11 +54,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     data_cfg = cfg.data if cfg.get("data") is not None else saved.data
     datamodule = build_datamodule(data_cfg)
 
-    model = instantiate(saved.model, num_classes=num_classes_of(ckpt), pretrained="none", _convert_="all")
+    model = rebuild_model(ckpt, source=str(cfg.ckpt_path), strict=cfg.get("strict_load", True))
     want_outputs = bool(cfg.export_features or cfg.rank_lists.num_queries or cfg.cmc_curve)
     evaluation = OmegaConf.to_container(cfg.evaluation, resolve=True)
     module = ReIDModule(model, evaluation=evaluation, keep_eval_outputs=want_outputs)
-    load_model_weights(module, ckpt["state_dict"], source=str(cfg.ckpt_path), strict=cfg.get("strict_load", True))
 
     trainer = build_trainer(cfg, callbacks=[], loggers=[])
     with hydra_job_ddp(trainer):  # DDP children of this job only (multirun sweeps)

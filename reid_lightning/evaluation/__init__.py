@@ -7,12 +7,13 @@ from .query_expansion import average_query_expansion
 from .ranking import evaluate_rank, per_query_metrics
 from .rerank import k_reciprocal_rerank
 from .verification import tpr_at_fpr
-from .visualize import save_cmc_curve, save_rank_lists
+from .visualize import draw_rank_strip, save_cmc_curve, save_rank_lists
 
 __all__ = [
     "ReIDMetric",
     "average_query_expansion",
     "compute_distance",
+    "draw_rank_strip",
     "evaluate_rank",
     "extract_features",
     "k_reciprocal_rerank",

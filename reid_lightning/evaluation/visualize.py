@@ -96,31 +96,56 @@ def save_rank_lists(
     ap = per_query_metrics(dist, q_pid_arr, g_pid_arr, q_cam_arr, g_cam_arr)["ap"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    height, width = size
-    tile_w, tile_h = width + 2 * BORDER, height + 2 * BORDER
-    strip_size = (2 * MARGIN + (top_k + 1) * tile_w + top_k * GAP, TITLE + tile_h + MARGIN)
     written = []
     for position, q in enumerate(_select_queries(ap, order, num_queries)):
         row = dist[q].float().cpu().numpy()
         kept = np.flatnonzero((g_pid_arr != q_pid_arr[q]) | (g_cam_arr != q_cam_arr[q]))
         top = kept[np.argsort(row[kept], kind="stable")][:top_k]
-        strip = Image.new("RGB", strip_size, BACKGROUND)
-        strip.paste(_tile(q_paths[q], size, QUERY_COLOUR), (MARGIN, TITLE))
-        for slot in range(top_k):
-            if slot < len(top):
-                g = top[slot]
-                colour = MATCH_COLOUR if g_pid_arr[g] == q_pid_arr[q] else WRONG_COLOUR
-                tile = _tile(g_paths[g], size, colour)
-            else:
-                tile = _tile(None, size, EMPTY)
-            strip.paste(tile, (MARGIN + (slot + 1) * (tile_w + GAP), TITLE))
+        colours = [MATCH_COLOUR if g_pid_arr[g] == q_pid_arr[q] else WRONG_COLOUR for g in top]
         ap_text = "n/a" if np.isnan(ap[q]) else f"{100 * ap[q]:.1f}%"
         title = f"query {q}  pid {q_pid_arr[q]}  cam {q_cam_arr[q]}  AP {ap_text}"
-        ImageDraw.Draw(strip).text((MARGIN, 6), title, fill=(0, 0, 0))
+        strip = draw_rank_strip(q_paths[q], [g_paths[g] for g in top], colours, title, top_k=top_k, size=size)
         path = out_dir / f"{position:02d}_query{q}.png"
         strip.save(path)
         written.append(path)
     return written
+
+
+def draw_rank_strip(
+    query_path: str | Path,
+    gallery_paths: Sequence[str | Path],
+    colours: Sequence[tuple[int, int, int]],
+    title: str,
+    top_k: int = 10,
+    size: tuple[int, int] = (128, 64),
+) -> Image.Image:
+    """One rank list as a picture: the query in a blue frame, then the ranked gallery images.
+
+    Called as ``draw_rank_strip("q.jpg", ["g1.jpg", "g2.jpg"], [MATCH_COLOUR, WRONG_COLOUR],
+    "query 0").save("q.png")`` (by :func:`save_rank_lists` and ``scripts/search.py``). Slots
+    beyond ``gallery_paths`` get grey placeholders, so the strip always has the size given
+    in the module docstring.
+
+    Args:
+        query_path: the query image.
+        gallery_paths: the ranked gallery images, nearest first (at most ``top_k`` are drawn).
+        colours: frame colour of each gallery image.
+        title: text above the strip.
+        top_k: gallery slots.
+        size: ``(height, width)`` of every image in the strip.
+
+    Returns:
+        The RGB picture.
+    """
+    height, width = size
+    tile_w, tile_h = width + 2 * BORDER, height + 2 * BORDER
+    strip = Image.new("RGB", (2 * MARGIN + (top_k + 1) * tile_w + top_k * GAP, TITLE + tile_h + MARGIN), BACKGROUND)
+    strip.paste(_tile(query_path, size, QUERY_COLOUR), (MARGIN, TITLE))
+    for slot in range(top_k):
+        tile = _tile(gallery_paths[slot], size, colours[slot]) if slot < len(gallery_paths) else _tile(None, size, EMPTY)
+        strip.paste(tile, (MARGIN + (slot + 1) * (tile_w + GAP), TITLE))
+    ImageDraw.Draw(strip).text((MARGIN, 6), title, fill=(0, 0, 0))
+    return strip
 
 
 def save_cmc_curve(cmc: Sequence[float] | np.ndarray, out_path: str | Path, label: str | None = None) -> Path:

@@ -1,0 +1,36 @@
+"""Rebuild a trained model from a checkpoint written by ``scripts/train.py``.
+
+Used by ``scripts/eval.py`` (through :func:`reid_lightning.engine.evaluate.evaluate`) and by
+:class:`reid_lightning.inference.FeatureExtractor`::
+
+    ckpt = load_checkpoint("outputs/.../checkpoints/last.ckpt")
+    model = rebuild_model(ckpt, source="last.ckpt")   # a Baseline with the trained weights
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.utils import instantiate
+from torch import nn
+
+from reid_lightning.engine.checkpoint import load_model_weights, num_classes_of
+
+
+def rebuild_model(ckpt: dict[str, Any], source: str, strict: bool = True) -> nn.Module:
+    """Instantiate the model of the config stored in ``ckpt["reid_config"]`` and load its weights.
+
+    The model is built without pretrained weights (the checkpoint holds them all) and with as
+    many classes as the checkpoint's classifier; it is returned in train mode, as built.
+
+    Args:
+        ckpt: a checkpoint read by :func:`reid_lightning.engine.checkpoint.load_checkpoint`.
+        source: where the checkpoint comes from, for messages.
+        strict: see :func:`reid_lightning.engine.checkpoint.load_model_weights`.
+
+    Returns:
+        The model (the ``model`` attribute of the ``ReIDModule`` that was saved).
+    """
+    model = instantiate(ckpt["reid_config"]["model"], num_classes=num_classes_of(ckpt), pretrained="none", _convert_="all")
+    # the checkpoint's keys are those of ReIDModule: "model.<name>"
+    load_model_weights(nn.ModuleDict({"model": model}), ckpt["state_dict"], source=source, strict=strict)
+    return model

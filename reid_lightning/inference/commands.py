@@ -1,0 +1,174 @@
+"""Bodies of ``scripts/extract.py``, ``scripts/export.py`` and ``scripts/search.py``.
+
+Each takes the composed Hydra config of its script (``conf/extract.yaml``, ``conf/export.yaml``,
+``conf/search.yaml``)::
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="extract")
+    def main(cfg):
+        run_extract(cfg)
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from reid_lightning.data.datasets import build_dataset
+from reid_lightning.evaluation.visualize import MATCH_COLOUR, WRONG_COLOUR, draw_rank_strip
+from reid_lightning.inference.export import FORMATS, ExportCheckError, export_model, verify_export, write_model_info
+from reid_lightning.inference.extractor import FeatureExtractor, resolve_device
+from reid_lightning.inference.image_files import collect_image_files, market_labels
+from reid_lightning.inference.search import search_gallery
+
+log = logging.getLogger(__name__)
+
+FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
+UNKNOWN_COLOUR = (150, 150, 150)  # frame of a result whose identity is unknown
+EXTENSIONS = {"onnx": ".onnx", "torchscript": ".pt"}
+
+
+def _plain(value: Any) -> Any:
+    """A Hydra value as a plain str / list (an input may be given as ``[a,b]``)."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def run_extract(cfg: DictConfig) -> Path:
+    """Extract features of ``cfg.input`` and write them to ``cfg.output`` (``.npz``).
+
+    The file holds ``features`` (N x D, ``cfg.dtype``), ``paths`` (names relative to the
+    input), ``files`` (absolute paths), ``pids`` and ``camids`` (parsed from Market-style
+    names, else -1), ``skipped`` (unreadable files left out with ``skip_bad``), and how the
+    features were made: ``ckpt_path``, ``normalized``, ``flip``.
+
+    Returns:
+        The written file.
+    """
+    if cfg.dtype not in FEATURE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(FEATURE_DTYPES)}, got {cfg.dtype!r}")
+    ckpt_path = Path(cfg.ckpt_path).resolve()
+    extractor = FeatureExtractor.from_checkpoint(
+        ckpt_path, device=cfg.device, precision=str(cfg.precision), flip=cfg.flip, batch_size=cfg.batch_size
+    )
+    result = extractor.extract_folder(
+        _plain(cfg.input), normalize=cfg.normalize, num_workers=cfg.num_workers, skip_bad=cfg.skip_bad,
+        progress=cfg.progress,
+    )
+    pids, camids = market_labels(result.files.names)
+    output = Path(cfg.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        output,
+        features=result.features.numpy().astype(FEATURE_DTYPES[cfg.dtype]),
+        paths=np.asarray(result.files.names, dtype=str),
+        files=np.asarray([str(p) for p in result.files.paths], dtype=str),
+        pids=pids, camids=camids,
+        skipped=np.asarray([name for name, _ in result.skipped], dtype=str),
+        ckpt_path=str(ckpt_path), normalized=bool(cfg.normalize), flip=extractor.flip,
+    )
+    log.info("%d images, %d-d features -> %s%s", len(result.files.names), result.features.shape[1], output,
+             f" ({len(result.skipped)} unreadable skipped)" if result.skipped else "")
+    return output
+
+
+def _verification_inputs(extractor: FeatureExtractor, cfg: DictConfig) -> list[torch.Tensor]:
+    """Random batches of ``cfg.verify_batch_sizes`` plus one batch of real images: those of
+    ``cfg.verify_input``, else the query images of the checkpoint's data set when it is on disk."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(int(n), 3, *extractor.size, generator=gen) for n in cfg.verify_batch_sizes]
+    if cfg.verify_input is not None:
+        paths = collect_image_files(_plain(cfg.verify_input)).paths
+    else:
+        data = extractor.config.get("data", {})
+        try:
+            paths = [s.path for s in build_dataset(data["dataset"], data["root"], **data.get("dataset_kwargs", {})).query]
+        except (KeyError, FileNotFoundError, ValueError) as err:
+            log.warning("verifying on random inputs only: no real images (%s); pass verify_input=<folder> to add some", err)
+            return inputs
+    inputs.append(extractor.preprocess(paths[:16]))
+    return inputs
+
+
+def run_export(cfg: DictConfig) -> Path:
+    """Export the checkpoint's model to ``cfg.output`` and write ``<output>.json`` beside it;
+    with ``cfg.verify`` compare the file with PyTorch first (a failed check removes the file
+    and raises :class:`ExportCheckError`).
+
+    Returns:
+        The exported model file.
+    """
+    if cfg.format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {cfg.format!r}")
+    ckpt_path = Path(cfg.ckpt_path).resolve()
+    extractor = FeatureExtractor.from_checkpoint(ckpt_path, device="cpu", flip=cfg.flip)
+    output = Path(cfg.output) if cfg.output else Path(cfg.paths.output_dir) / f"model{EXTENSIONS[cfg.format]}"
+    export_model(extractor, output, cfg.format, cfg.include_normalize)
+    extra: dict[str, Any] = {"checkpoint": str(ckpt_path)}
+    if cfg.verify:
+        try:
+            diffs = verify_export(extractor, output, cfg.format, cfg.include_normalize, _verification_inputs(extractor, cfg), atol=cfg.atol)
+        except ExportCheckError as err:
+            output.unlink()
+            raise ExportCheckError(f"{err}; the exported file was removed (verify=false exports without the check)") from err
+        log.info("verified %s against PyTorch: max abs difference per batch %s", output, diffs)
+        extra["verified_max_abs_diff"] = max(diffs.values())
+    write_model_info(extractor, output, cfg.format, cfg.include_normalize, **extra)
+    log.info("exported %s and %s", output, output.with_suffix(".json"))
+    return output
+
+
+def run_search(cfg: DictConfig) -> Path:
+    """Rank the gallery of ``cfg.index`` (written by ``scripts/extract.py``) for each image of
+    ``cfg.query``; write ``results.json`` and, with ``cfg.rank_lists``, one PNG per query.
+
+    ``results.json`` maps each query name to ``[[gallery path, distance], ...]``, nearest
+    first. Query features are made with the index's checkpoint (or ``cfg.ckpt_path``) and its
+    flip and normalisation settings.
+
+    Returns:
+        The written ``results.json``.
+    """
+    index_path = Path(cfg.index)
+    if not index_path.is_file():
+        raise FileNotFoundError(f"index {index_path} does not exist (write one with scripts/extract.py)")
+    with np.load(index_path, allow_pickle=False) as index:
+        missing = {"features", "paths", "files", "pids", "ckpt_path", "normalized", "flip"} - set(index.files)
+        if missing:
+            raise ValueError(f"{index_path} is not a features file of scripts/extract.py: it lacks {sorted(missing)}")
+        index = {key: index[key] for key in index.files}
+    ckpt_path = cfg.ckpt_path or str(index["ckpt_path"])
+    extractor = FeatureExtractor.from_checkpoint(ckpt_path, device=cfg.device, flip=bool(index["flip"]), batch_size=cfg.batch_size)
+    query = extractor.extract_folder(
+        _plain(cfg.query), normalize=bool(index["normalized"]), num_workers=cfg.num_workers, skip_bad=cfg.skip_bad
+    )
+    distances, indices = search_gallery(
+        query.features, torch.from_numpy(index["features"]), top_k=cfg.top_k, metric=cfg.metric,
+        backend=cfg.backend, device=resolve_device(cfg.device),
+    )
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = index["paths"]
+    results = {
+        q_name: [[str(names[g]), float(d)] for g, d in zip(idx.tolist(), dist.tolist())]
+        for q_name, idx, dist in zip(query.files.names, indices, distances)
+    }
+    results_path = out_dir / "results.json"
+    results_path.write_text(json.dumps(results, indent=1) + "\n")
+    if cfg.rank_lists:
+        q_pids, _ = market_labels(query.files.names)
+        (out_dir / "rank_lists").mkdir(exist_ok=True)
+        for i, (q_name, q_file, idx) in enumerate(zip(query.files.names, query.files.paths, indices.tolist())):
+            colours = [
+                UNKNOWN_COLOUR if q_pids[i] < 0 or index["pids"][g] < 0
+                else MATCH_COLOUR if index["pids"][g] == q_pids[i] else WRONG_COLOUR
+                for g in idx
+            ]
+            strip = draw_rank_strip(q_file, [index["files"][g] for g in idx], colours, f"query {q_name}",
+                                    top_k=len(idx), size=extractor.size)
+            strip.save(out_dir / "rank_lists" / f"{i:04d}_{Path(q_name).stem}.png")
+    log.info("%d queries searched in %d gallery images -> %s", len(results), len(names), results_path)
+    return results_path

@@ -1,0 +1,98 @@
+"""Which image files an inference command reads: a folder (recursive), a list file, one image,
+or several of those; and the identity/camera that Market-style file names carry.
+
+Called as::
+
+    files = collect_image_files("photos/")          # every .jpg/.jpeg/.png/.bmp below photos/
+    files.paths, files.names                        # absolute paths, names relative to the input
+    pids, camids = market_labels(files.names)       # -1 where a name does not follow <pid>_c<cam>
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from reid_lightning.data.datasets.layout import IMAGE_EXTENSIONS, is_image
+from reid_lightning.data.datasets.market_layout import MARKET_PATTERN
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    """Image files to read.
+
+    Attributes:
+        paths: the files, absolute.
+        names: how each file is reported: relative to the input folder, as written in the list
+            file, or the file name of a single image.
+    """
+
+    paths: list[Path]
+    names: list[str]
+
+
+def _from_folder(folder: Path) -> ImageFiles:
+    paths = sorted(path for path in folder.rglob("*") if is_image(path))
+    if not paths:
+        raise ValueError(f"input folder {folder} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)}, searched recursively)")
+    return ImageFiles([p.resolve() for p in paths], [p.relative_to(folder).as_posix() for p in paths])
+
+
+def _from_list_file(list_file: Path) -> ImageFiles:
+    names = [line.strip() for line in list_file.read_text().splitlines()]
+    names = [name for name in names if name and not name.startswith("#")]
+    if not names:
+        raise ValueError(f"image list {list_file} names no images (one path per line, relative to the list's folder)")
+    return ImageFiles([(list_file.parent / name).resolve() for name in names], names)
+
+
+def collect_image_files(source: str | Path | Sequence[str | Path]) -> ImageFiles:
+    """Resolve an input of ``scripts/extract.py`` or ``scripts/search.py`` into image files.
+
+    Args:
+        source: a folder (searched recursively for .jpg/.jpeg/.png/.bmp files, sorted), a
+            text file listing one image path per line (relative paths are taken from the
+            list's folder; blank lines and lines starting with ``#`` are ignored), one image
+            file, or a sequence of any of these (concatenated in order).
+
+    Returns:
+        The files. Files named in a list are not checked here: reading them reports the
+        missing or unreadable ones.
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+        ValueError: an empty folder, an empty list file, or an empty sequence.
+    """
+    if not isinstance(source, (str, Path)):
+        parts = [collect_image_files(item) for item in source]
+        if not parts:
+            raise ValueError("no input given: pass a folder, an image list file or image files")
+        return ImageFiles([p for part in parts for p in part.paths], [n for part in parts for n in part.names])
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _from_folder(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input {path} does not exist (expected a folder, an image list file or an image)")
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return ImageFiles([path.resolve()], [path.name])
+    return _from_list_file(path)
+
+
+def market_labels(names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Identity and 0-based camera of Market-named files (``<pid>_c<camera>...``), else -1.
+
+    Args:
+        names: file names or relative paths; only the last component is parsed.
+
+    Returns:
+        ``(pids, camids)``, two int64 arrays of ``len(names)``.
+    """
+    pids = np.full(len(names), -1, dtype=np.int64)
+    camids = np.full(len(names), -1, dtype=np.int64)
+    for i, name in enumerate(names):
+        match = MARKET_PATTERN.search(Path(name).name)
+        if match is not None:
+            pids[i], camids[i] = int(match.group(1)), int(match.group(2)) - 1
+    return pids, camids
