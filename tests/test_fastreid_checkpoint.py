@@ -81,7 +81,7 @@ def test_classifier_of_another_size_is_kept_fresh_with_a_warning(tmp_path, sourc
     path = write_fastreid_checkpoint(source_bot, tmp_path / "model_final.pth")
     with caplog.at_level(logging.WARNING, logger="reid_lightning.modeling.fastreid_checkpoint"):
         model = build_bot(num_classes=7, depth=18, stem_pool="fastreid", pretrained=str(path))
-    assert "a classifier of 5 identities (heads.weight (5, 512))" in caplog.text and "7 identities" in caplog.text
+    assert "a classifier of 5 identities (5, 512)" in caplog.text and "7 identities" in caplog.text
     assert model.head.classifier.weight.shape == (7, 512)
     assert torch.equal(model.head.bnneck.running_var, source_bot.head.bnneck.running_var.half().float())
     assert torch.equal(model.backbone.layer4[1].bn2.weight, source_bot.backbone.layer4[1].bn2.weight.half().float())
@@ -108,6 +108,21 @@ def test_parts_our_model_lacks_are_named(tmp_path, source_bot):
     torch.save({"model": state}, tmp_path / "other_head.pth")
     with pytest.raises(RuntimeError, match=r"does not have: heads\.bottleneck\.1\.weight"):
         build_bot(num_classes=5, depth=18, pretrained=str(tmp_path / "other_head.pth"))
+
+
+def test_older_fastreid_names_and_learnable_gem_map(tmp_path):
+    torch.manual_seed(1)
+    source = build_bot(num_classes=4, depth=18, pooling="gem_learnable")
+    with torch.no_grad():
+        source.head.pool.p.fill_(2.5)
+    state = {k.replace("heads.weight", "heads.classifier.weight"): v for k, v in fastreid_state(source).items()}
+    state["heads.pool_layer.p"] = state.pop("head.pool.p")
+    state["pixel_mean"] = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+    torch.save({"model": state, "iteration": 100}, tmp_path / "old.pth")
+    model = build_bot(num_classes=4, depth=18, pooling="gem_learnable", pretrained=str(tmp_path / "old.pth"))
+    assert_same_weights(model, source)
+    with pytest.raises(RuntimeError, match=r"pooling of .*heads\.pool_layer\.\*: \['p'\]\) does not match the model's GlobalAvgPool"):
+        build_bot(num_classes=4, depth=18, pretrained=str(tmp_path / "old.pth"))
 
 
 def test_init_from_and_eval_read_a_fastreid_checkpoint_as_module_weights(tmp_path, source_bot):

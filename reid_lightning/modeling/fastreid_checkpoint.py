@@ -25,7 +25,9 @@ from .backbones.pretrained import load_backbone_state
 log = logging.getLogger(__name__)
 
 _BNNECK = "heads.bottleneck.0."
-_CLASSIFIER = "heads.weight"
+_POOL = "heads.pool_layer."
+# fast-reid >= 1.0 ("any_softmax" classifiers) and the older "classifier" Linear
+_CLASSIFIERS = ("heads.weight", "heads.classifier.weight")
 # fast-reid < 1.3 saved its input normalisation as persistent buffers; ours is in the transforms
 _PIXEL_STATS = ("pixel_mean", "pixel_std")
 # fast-reid's pixel mean/std in 0..255 units: torchvision's ImageNet mean/std (our transforms) x 255
@@ -55,8 +57,9 @@ def fastreid_to_baseline(state: Mapping[str, Tensor], source: str) -> dict[str, 
     """Rename a fast-reid BoT state dict to :class:`~reid_lightning.modeling.Baseline` keys.
 
     ``backbone.X`` -> ``backbone.X``, ``heads.bottleneck.0.X`` -> ``head.bnneck.X``,
-    ``heads.weight`` -> ``head.classifier.weight``; ``pixel_mean``/``pixel_std`` are dropped
-    (with a warning when they differ from the ImageNet statistics our transforms use).
+    ``heads.pool_layer.X`` (GeM's ``p``) -> ``head.pool.X``, ``heads.weight`` (or the older
+    ``heads.classifier.weight``) -> ``head.classifier.weight``; ``pixel_mean``/``pixel_std``
+    are dropped (with a warning when they differ from the ImageNet statistics our transforms use).
 
     Args:
         state: fast-reid's ``model`` state dict (a ``module.`` prefix is allowed).
@@ -74,7 +77,9 @@ def fastreid_to_baseline(state: Mapping[str, Tensor], source: str) -> dict[str, 
             renamed[key] = value
         elif key.startswith(_BNNECK):
             renamed["head.bnneck." + key[len(_BNNECK) :]] = value
-        elif key == _CLASSIFIER:
+        elif key.startswith(_POOL):
+            renamed["head.pool." + key[len(_POOL) :]] = value
+        elif key in _CLASSIFIERS:
             renamed["head.classifier.weight"] = value
         elif key in _PIXEL_STATS:
             expected = _IMAGENET_PIXEL_STATS[key]
@@ -128,6 +133,13 @@ def load_fastreid_weights(model: nn.Module, obj: Any, source: str) -> None:
         raise RuntimeError(f"Cannot load the BNNeck of {source} ({_BNNECK}*): " + "; ".join(problems))
     dtype = head.bnneck.weight.dtype
     head.bnneck.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in neck.items()}, strict=False)
+    pool = {k[len("head.pool.") :]: v.to(dtype) for k, v in state.items() if k.startswith("head.pool.")}
+    if pool.keys() != head.pool.state_dict().keys():
+        raise RuntimeError(
+            f"The pooling of {source} ({_POOL}*: {sorted(pool) or 'none'}) does not match the model's "
+            f"{type(head.pool).__name__} ({sorted(head.pool.state_dict()) or 'no tensors'}): pick model.pooling to match"
+        )
+    head.pool.load_state_dict(pool)
     classifier = state.get("head.classifier.weight")
     own = head.classifier.weight
     fits = classifier is not None and classifier.shape == own.shape
@@ -135,7 +147,7 @@ def load_fastreid_weights(model: nn.Module, obj: Any, source: str) -> None:
         with torch.no_grad():
             own.copy_(classifier)
     else:
-        found = "no classifier" if classifier is None else f"a classifier of {classifier.shape[0]} identities ({_CLASSIFIER} {tuple(classifier.shape)})"
+        found = "no classifier" if classifier is None else f"a classifier of {classifier.shape[0]} identities {tuple(classifier.shape)}"
         log.warning(
             "%s has %s; the model has %d identities (%s): keeping the model's freshly initialised classifier",
             source, found, own.shape[0], tuple(own.shape),
