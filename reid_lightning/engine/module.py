@@ -141,7 +141,7 @@ class ReIDModule(pl.LightningModule):
         if int(evaluated) < total:
             rank_zero_warn(
                 f"{prefix}: evaluated {int(evaluated)} of the {total} samples (query + gallery) of the split "
-                f"(limit_{prefix}_batches < 1?): the {prefix}/* metrics rank a partial gallery and are not "
+                f"(trainer.limit_{prefix}_batches?): the {prefix}/* metrics rank a partial gallery and are not "
                 "comparable with a full evaluation"
             )
 

@@ -102,8 +102,9 @@ def fastreid_to_baseline(state: Mapping[str, Tensor], source: str) -> dict[str, 
 def load_fastreid_weights(model: nn.Module, obj: Any, source: str) -> None:
     """Load a fast-reid checkpoint into a :class:`~reid_lightning.modeling.Baseline` in place.
 
-    The backbone and the BNNeck must match exactly (missing, mis-shaped or non-finite tensors
-    fail with their names, as for backbone weights); the classifier is loaded where its shape
+    The backbone and the BNNeck must match exactly (missing or mis-shaped tensors fail with
+    their names; the backbone is also checked for non-finite values, as any backbone weights
+    are); a learnable GeM pooling takes ``heads.pool_layer.p``; the classifier is loaded where its shape
     fits, otherwise the model keeps its fresh classifier and a warning says so (fine-tuning on
     another number of identities). Floating tensors are cast to the model's dtype.
 
