@@ -37,7 +37,8 @@ def small_data(tmp_path_factory):
     """6 queries (served first) + 18 gallery images in evaluation batches of 3."""
     from test_bad_input import write_folder_dataset
 
-    root = write_folder_dataset(tmp_path_factory.mktemp("folder"), train_ids=4, query_ids=tuple(range(1, 7)), gallery_ids=tuple(range(1, 7)))
+    identities = tuple(range(1, 7))
+    root = write_folder_dataset(tmp_path_factory.mktemp("folder"), 4, query_ids=identities, gallery_ids=identities)
     dm = ReIDDataModule(
         "folder", root=str(root), height=64, width=32, batch_size=8, num_instances=4,
         test_batch_size=3, num_workers=0, batches_per_epoch=2,

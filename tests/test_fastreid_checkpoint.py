@@ -121,7 +121,8 @@ def test_older_fastreid_names_and_learnable_gem_map(tmp_path):
     torch.save({"model": state, "iteration": 100}, tmp_path / "old.pth")
     model = build_bot(num_classes=4, depth=18, pooling="gem_learnable", pretrained=str(tmp_path / "old.pth"))
     assert_same_weights(model, source)
-    with pytest.raises(RuntimeError, match=r"pooling of .*heads\.pool_layer\.\*: \['p'\]\) does not match the model's GlobalAvgPool"):
+    expected = r"pooling of .*\(heads\.pool_layer\.\*: \['p'\]\) does not match the model's GlobalAvgPool"
+    with pytest.raises(RuntimeError, match=expected):
         build_bot(num_classes=4, depth=18, pretrained=str(tmp_path / "old.pth"))
 
 

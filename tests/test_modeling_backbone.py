@@ -143,8 +143,8 @@ def test_build_pooling_names():
 def test_stem_pools_are_fastreids_and_torchvisions():
     fastreid = build_resnet(18, stem_pool="fastreid").maxpool
     assert (fastreid.kernel_size, fastreid.stride, fastreid.padding, fastreid.ceil_mode) == (3, 2, 0, True)
-    torchvision_pool = build_resnet(18).maxpool
-    assert (torchvision_pool.kernel_size, torchvision_pool.stride, torchvision_pool.padding, torchvision_pool.ceil_mode) == (3, 2, 1, False)
+    tv_pool = build_resnet(18).maxpool
+    assert (tv_pool.kernel_size, tv_pool.stride, tv_pool.padding, tv_pool.ceil_mode) == (3, 2, 1, False)
 
 
 def test_stem_pools_shift_the_windows_by_one_pixel():

@@ -128,8 +128,13 @@ def load_fastreid_weights(model: nn.Module, obj: Any, source: str) -> None:
     neck = {k[len("head.bnneck.") :]: v for k, v in state.items() if k.startswith("head.bnneck.")}
     own_neck = head.bnneck.state_dict()
     missing = [k for k in own_neck if k not in neck and k != "num_batches_tracked"]
-    wrong = [f"{k} (file {tuple(neck[k].shape)}, model {tuple(v.shape)})" for k, v in own_neck.items() if k in neck and neck[k].shape != v.shape]
-    problems = ([f"missing: {', '.join(missing)}"] if missing else []) + ([f"shape mismatch: {', '.join(wrong)}"] if wrong else [])
+    wrong = [
+        f"{k} (file {tuple(neck[k].shape)}, model {tuple(v.shape)})"
+        for k, v in own_neck.items()
+        if k in neck and neck[k].shape != v.shape
+    ]
+    problems = [f"missing: {', '.join(missing)}"] if missing else []
+    problems += [f"shape mismatch: {', '.join(wrong)}"] if wrong else []
     if problems:
         raise RuntimeError(f"Cannot load the BNNeck of {source} ({_BNNECK}*): " + "; ".join(problems))
     dtype = head.bnneck.weight.dtype
@@ -148,7 +153,10 @@ def load_fastreid_weights(model: nn.Module, obj: Any, source: str) -> None:
         with torch.no_grad():
             own.copy_(classifier)
     else:
-        found = "no classifier" if classifier is None else f"a classifier of {classifier.shape[0]} identities {tuple(classifier.shape)}"
+        found = (
+            "no classifier" if classifier is None
+            else f"a classifier of {classifier.shape[0]} identities {tuple(classifier.shape)}"
+        )
         log.warning(
             "%s has %s; the model has %d identities (%s): keeping the model's freshly initialised classifier",
             source, found, own.shape[0], tuple(own.shape),

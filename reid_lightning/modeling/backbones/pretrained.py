@@ -108,7 +108,8 @@ def _download_imagenet(model: nn.Module) -> tuple[dict[str, Tensor], str]:
     if getattr(model, "with_ibn", False):
         url, what = IBN_A_URLS[depth], f"IBN-Net's ImageNet ResNet-{depth}-IBN-a weights"
     else:
-        url, what = torchvision.models.get_weight(_IMAGENET_WEIGHTS[depth]).url, f"torchvision's ImageNet ResNet-{depth} weights"
+        url = torchvision.models.get_weight(_IMAGENET_WEIGHTS[depth]).url
+        what = f"torchvision's ImageNet ResNet-{depth} weights"
     return state_dict_of(download(url, what), url), url
 
 
