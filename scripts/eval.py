@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint: ``python scripts/eval.py ckpt_path=PATH [data=...] [evaluation.rerank=true]``.
+"""Evaluate a checkpoint: ``python scripts/eval.py ckpt_path=PATH [data=...] [evaluation.rerank=true]``;
+a fast-reid checkpoint: ``python scripts/eval.py ckpt_path=model_final.pth model=bot_r50 data=market1501``.
 
 Writes metrics.json (and, when asked, features.npz, cmc.png, rank_lists/*.png) into the
 run's output dir and returns the mAP (percent).

@@ -1,5 +1,8 @@
-"""ReIDModule in a real (tiny) Lightning fit: losses logged, LR schedule per step, eval metrics."""
+"""ReIDModule in a real (tiny) Lightning fit: losses logged, LR schedule per step, eval metrics,
+sanity check and partial validation, evaluation precision under bf16-mixed."""
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -29,15 +32,32 @@ def tiny_data(demo_root):
     return dm
 
 
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """6 queries (served first) + 18 gallery images in evaluation batches of 3."""
+    from test_bad_input import write_folder_dataset
+
+    identities = tuple(range(1, 7))
+    root = write_folder_dataset(tmp_path_factory.mktemp("folder"), 4, query_ids=identities, gallery_ids=identities)
+    dm = ReIDDataModule(
+        "folder", root=str(root), height=64, width=32, batch_size=8, num_instances=4,
+        test_batch_size=3, num_workers=0, batches_per_epoch=2,
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
 def _fit(dm, tmp_path, solver, epochs=2, **trainer_kwargs):
     model = build_bot(num_classes=dm.num_classes, depth=18, pretrained="none")
     module = ReIDModule(model, solver=solver, evaluation={"metric": "cosine"}, cfg={"note": "plain config"})
     recorder = _LRRecorder()
-    trainer = pl.Trainer(
+    options = dict(
         accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
-        default_root_dir=tmp_path, callbacks=[recorder], **trainer_kwargs,
+        default_root_dir=tmp_path, callbacks=[recorder],
     )
+    trainer = pl.Trainer(**{**options, **trainer_kwargs})
     trainer.fit(module, datamodule=dm)
     return trainer, module, recorder
 
@@ -82,3 +102,62 @@ def test_non_finite_loss_names_iteration_and_terms(tiny_data):
     batch["images"] = batch["images"] * float("nan")
     with pytest.raises(FloatingPointError, match=r"iteration 0 .*loss_cls=nan"):
         module.training_step(batch, 0)
+
+
+def test_sanity_check_skips_the_ranking_and_a_full_validation_does_not_warn(small_data, tmp_path):
+    # the sanity check's two batches hold the 6 queries only: nothing to rank
+    assert len(small_data.splits.query) == 6
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _, _ = _fit(small_data, tmp_path, {"warmup_iters": 1}, epochs=1, num_sanity_val_steps=2)
+    assert 0.0 <= float(trainer.callback_metrics["val/mAP"]) <= 100.0
+    assert not [w for w in caught if "evaluated" in str(w.message)]
+
+
+def test_partial_validation_warns_with_the_number_of_samples(small_data, tmp_path):
+    assert len(small_data.test_samples) == 24
+    with pytest.warns(UserWarning, match=r"val: evaluated 12 of the 24 samples \(query \+ gallery\)"):
+        trainer, _, _ = _fit(small_data, tmp_path, {"warmup_iters": 1}, epochs=1, limit_val_batches=4)
+    assert "val/mAP" in trainer.callback_metrics
+
+
+def _bf16_test_features(dm, tmp_path, evaluation):
+    """Features that reach the test metric in a bf16-mixed ``trainer.test``, and the float32 model's own."""
+    torch.manual_seed(0)
+    module = ReIDModule(build_bot(num_classes=dm.num_classes, depth=18), evaluation=evaluation)
+    seen, images = [], []
+    update = module.test_metric.update
+
+    def spy(features, *rest):
+        seen.append(features.detach().clone())
+        return update(features, *rest)
+
+    class KeepImages(pl.Callback):
+        def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            images.append(batch["images"].clone())
+
+    module.test_metric.update = spy
+    trainer = pl.Trainer(
+        accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, use_distributed_sampler=False, default_root_dir=tmp_path, callbacks=[KeepImages()],
+    )
+    trainer.test(module, datamodule=dm, verbose=False)
+    with torch.no_grad():
+        reference = torch.cat([module.model.eval()(batch) for batch in images])
+    return torch.cat(seen), reference
+
+
+def test_bf16_mixed_evaluation_features_are_float32(small_data, tmp_path):
+    features, reference = _bf16_test_features(small_data, tmp_path, {"metric": "cosine"})
+    assert features.dtype == torch.float32
+    torch.testing.assert_close(features, reference)
+
+
+def test_bf16_mixed_evaluation_can_opt_into_autocast(small_data, tmp_path):
+    features, reference = _bf16_test_features(small_data, tmp_path, {"metric": "cosine", "precision": "autocast"})
+    assert not torch.allclose(features.float(), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_evaluation_precision_is_named():
+    with pytest.raises(ValueError, match=r"evaluation.precision must be one of \['32', 'autocast'\].*got '16'"):
+        ReIDModule(build_bot(num_classes=2, depth=18), evaluation={"precision": 16})

@@ -1,4 +1,4 @@
-"""ResNet backbones, IBN and pooling: shapes, stride placement, torchvision key compatibility."""
+"""ResNet backbones, IBN, stem max-pool and pooling: shapes, stride placement, torchvision key compatibility."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torchvision
 from torch import nn
 
 from reid_lightning.modeling import GeneralizedMeanPooling, GlobalAvgPool, GlobalMaxPool, build_pooling, build_resnet
-from reid_lightning.modeling.backbones import IBN
+from reid_lightning.modeling.backbones import IBN, build_stem_pool
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +138,36 @@ def test_build_pooling_names():
     assert isinstance(build_pooling("gem"), GeneralizedMeanPooling)
     with pytest.raises(ValueError, match="'mean'"):
         build_pooling("mean")
+
+
+def test_stem_pools_are_fastreids_and_torchvisions():
+    fastreid = build_resnet(18, stem_pool="fastreid").maxpool
+    assert (fastreid.kernel_size, fastreid.stride, fastreid.padding, fastreid.ceil_mode) == (3, 2, 0, True)
+    tv_pool = build_resnet(18).maxpool
+    assert (tv_pool.kernel_size, tv_pool.stride, tv_pool.padding, tv_pool.ceil_mode) == (3, 2, 1, False)
+
+
+def test_stem_pools_shift_the_windows_by_one_pixel():
+    x = torch.arange(36.0).view(1, 1, 6, 6)  # increasing along rows and columns: each window's max is its last pixel
+    # torchvision: windows at rows/cols -1..1, 1..3, 3..5; fast-reid: 0..2, 2..4, 4..5 (cut short by ceil_mode)
+    torch.testing.assert_close(build_stem_pool("torchvision")(x)[0, 0], x[0, 0, 1::2, 1::2])
+    torch.testing.assert_close(build_stem_pool("fastreid")(x)[0, 0], x[0, 0, [2, 4, 5]][:, [2, 4, 5]])
+
+
+def test_stem_pools_give_other_features_and_other_sizes_for_odd_inputs():
+    fastreid = build_resnet(18, stem_pool="fastreid").eval()
+    torchvision_model = build_resnet(18).eval()
+    torchvision_model.load_state_dict(fastreid.state_dict())  # same weights, only the pool differs
+    with torch.no_grad():
+        even = torch.randn(2, 3, 64, 32)
+        a, b = fastreid(even), torchvision_model(even)
+        assert a.shape == b.shape == (2, 512, 4, 2)
+        assert not torch.allclose(a, b)
+        stem = fastreid.relu(fastreid.bn1(fastreid.conv1(torch.randn(1, 3, 102, 38))))  # stem map 51x19
+        assert build_stem_pool("fastreid")(stem).shape[-2:] == (25, 9)
+        assert build_stem_pool("torchvision")(stem).shape[-2:] == (26, 10)
+
+
+def test_unknown_stem_pool_is_named():
+    with pytest.raises(ValueError, match=r"stem_pool must be one of \['fastreid', 'torchvision'\], got 'caffe'"):
+        build_resnet(18, stem_pool="caffe")

@@ -1,7 +1,9 @@
-"""Backbone initial weights: files, torchvision's download, and the shared ImageNet ResNet-50."""
+"""Backbone initial weights: files, URLs, the ImageNet downloads (torchvision, IBN-Net), random
+init warnings, and the shared ImageNet ResNet-50."""
 
 import logging
 import re
+import warnings
 from pathlib import Path
 from urllib.error import URLError
 
@@ -12,10 +14,11 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import functional as TF
 
-from reid_lightning.modeling import build_resnet, load_pretrained
+from reid_lightning.modeling import RandomInitWarning, build_bot, build_resnet, load_pretrained
+from reid_lightning.modeling.backbones.pretrained import IBN_A_URLS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-V1_WEIGHTS = SHARED / "weights" / "resnet50_imagenet_v1_fp16.pth"
+V1_WEIGHTS = SHARED / "weights" / "resnet50_imagenet_v1.pth"
 MARKET = SHARED / "data" / "mini_market1501"
 needs_weights = pytest.mark.skipif(not V1_WEIGHTS.is_file(), reason=f"{V1_WEIGHTS} is absent")
 
@@ -145,19 +148,86 @@ def test_imagenet_offline_error_says_how_to_pass_a_file(monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(RuntimeError, match="failed") as info:
         build_resnet(50, pretrained="imagenet")
-    assert "model.pretrained=/path/to/resnet50.pth" in str(info.value)
+    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+    assert url in str(info.value) and f"model.pretrained=/path/to/{url.rsplit('/', 1)[-1]}" in str(info.value)
     assert isinstance(info.value.__cause__, URLError)
 
 
-def test_imagenet_refuses_ibn_and_v1_strides():
-    with pytest.raises(ValueError, match="IBN-a"):
-        build_resnet(50, with_ibn=True, pretrained="imagenet")
+def test_imagenet_refuses_v1_strides():
     with pytest.raises(ValueError, match="stride_in_1x1"):
         build_resnet(50, stride_in_1x1=True, pretrained="imagenet")
 
 
+def test_imagenet_ibn_downloads_ibn_nets_release(monkeypatch):
+    source = build_resnet(18, with_ibn=True)
+    requested = []
+
+    def fake_download(url, **kwargs):
+        requested.append(url)
+        return {"module." + k: v for k, v in source.state_dict().items()}
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_download)
+    model = build_resnet(18, with_ibn=True, pretrained="imagenet")
+    assert requested == ["https://github.com/XingangPan/IBN-Net/releases/download/v1.0/resnet18_ibn_a-2f571257.pth"]
+    assert torch.equal(model.layer1[0].bn1.IN.weight, source.layer1[0].bn1.IN.weight)
+
+
+def test_imagenet_ibn_offline_error_names_the_url_and_the_local_file_option(monkeypatch):
+    def offline(url, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError) as info:
+        build_resnet(50, with_ibn=True, pretrained="imagenet")
+    message = str(info.value)
+    assert IBN_A_URLS[50] in message and "Temporary failure in name resolution" in message
+    assert "model.pretrained=/path/to/resnet50_ibn_a-d9d0bb7b.pth" in message
+
+
+def test_ibn_weights_load_from_a_local_file(tmp_path):
+    source = build_resnet(18, with_ibn=True)
+    with torch.no_grad():
+        source.layer2[1].bn1.IN.weight.uniform_(-1, 1)
+    path = tmp_path / "resnet18_ibn_a.pth"
+    torch.save(source.state_dict(), path)
+    model = build_resnet(18, with_ibn=True, pretrained=str(path))
+    assert torch.equal(model.layer2[1].bn1.IN.weight, source.layer2[1].bn1.IN.weight)
+
+
+def test_url_weights_go_through_the_hub_cache(monkeypatch, source18):
+    requested = []
+
+    def fake_download(url, **kwargs):
+        requested.append((url, kwargs.get("weights_only")))
+        return {"state_dict": source18.state_dict()}
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_download)
+    model = build_resnet(18, pretrained="https://example.org/w/r18.pth")
+    assert requested == [("https://example.org/w/r18.pth", True)]
+    assert torch.equal(model.layer3[0].bn1.running_var, source18.layer3[0].bn1.running_var)
+
+
+@pytest.mark.parametrize("depth", [50, 101])
+def test_deep_backbone_from_random_weights_warns(depth):
+    with pytest.warns(RandomInitWarning, match=f"ResNet-{depth} backbone starts from RANDOM weights"):
+        build_resnet(depth, pretrained="none")
+    with pytest.warns(RandomInitWarning, match="RANDOM"):
+        build_bot(num_classes=3, depth=depth, with_ibn=True, pretrained="none")
+
+
+def test_shallow_or_initialised_backbones_do_not_warn(tmp_path):
+    path = tmp_path / "r50.pth"
+    with pytest.warns(RandomInitWarning):
+        torch.save(build_resnet(50).state_dict(), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RandomInitWarning)
+        build_resnet(18, pretrained="none")
+        build_resnet(50, pretrained=str(path))
+        build_bot(num_classes=3, depth=50, pretrained=str(path))
+
+
 @needs_weights
-def test_shared_fp16_weights_equal_the_file_cast_to_float32():
+def test_shared_weights_equal_the_file_cast_to_float32():
     state = torch.load(V1_WEIGHTS, map_location="cpu", weights_only=True)
     assert state["conv1.weight"].dtype == torch.float16
     model = build_resnet(50, last_stride=2, stride_in_1x1=True, pretrained=str(V1_WEIGHTS))
@@ -167,17 +237,14 @@ def test_shared_fp16_weights_equal_the_file_cast_to_float32():
 
 
 @needs_weights
-def test_shared_weights_overflowed_stem_variance_recovers_in_training():
-    # the file's bn1.running_var holds a float16 inf; kept, BatchNorm's momentum update would keep
-    # it infinite through any fine-tuning and the channel would be a constant in eval mode
+def test_shared_weights_stem_variance_is_finite_float32_beyond_float16s_range():
+    # the file's BatchNorm tensors are float32: the stem's variance exceeds float16's 65504,
+    # which the earlier float16 file stored as inf (the clamp above repairs such files)
     state = torch.load(V1_WEIGHTS, map_location="cpu", weights_only=True)
-    assert not torch.isfinite(state["bn1.running_var"]).all()
+    assert state["bn1.running_var"].dtype == torch.float32
+    assert torch.isfinite(state["bn1.running_var"]).all() and state["bn1.running_var"].max() > 65504
     model = build_resnet(50, stride_in_1x1=True, pretrained=str(V1_WEIGHTS))
-    assert all(torch.isfinite(b).all() for b in model.buffers())
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(4, 3, 64, 32))
-    assert torch.isfinite(model.bn1.running_var).all()
+    assert torch.equal(model.bn1.running_var, state["bn1.running_var"])
 
 
 def _bn_input_mismatch(model: nn.Module, images: torch.Tensor) -> float:

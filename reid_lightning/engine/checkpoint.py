@@ -1,11 +1,12 @@
-"""Reading reid_lightning checkpoints safely (``torch.load(weights_only=True)``).
+"""Reading reid_lightning and fast-reid checkpoints safely (``torch.load(weights_only=True)``).
 
 Called by ``scripts/eval.py`` through :func:`reid_lightning.engine.evaluate.evaluate`, and by
-``scripts/train.py`` for ``init_from`` (fine-tuning)::
+``scripts/train.py`` for ``init_from`` (fine-tuning) and resuming::
 
-    ckpt = load_checkpoint("outputs/.../checkpoints/last.ckpt")
-    model_cfg = ckpt["reid_config"]["model"]
-    load_model_weights(module, ckpt["state_dict"], source="last.ckpt", strict=False)
+    ckpt = load_checkpoint("outputs/.../checkpoints/last.ckpt")        # ours only (resume)
+    ckpt = load_model_checkpoint("model_final.pth")                    # ours, or fast-reid's (path or URL)
+    model_cfg = ckpt["reid_config"]["model"] if ckpt["reid_config"] else cfg.model
+    load_model_weights(module, ckpt["state_dict"], source="model_final.pth", strict=False)
 """
 from __future__ import annotations
 
@@ -18,25 +19,20 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
+from reid_lightning.modeling import fastreid_to_baseline, is_fastreid_checkpoint
+from reid_lightning.modeling.backbones.pretrained import download
+
 log = logging.getLogger(__name__)
 
 CLASSIFIER_KEY = "model.head.classifier.weight"
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a Lightning checkpoint written by ``scripts/train.py`` without running pickled code.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file holds arbitrary pickled objects (refused, not executed), is not
-            a torch checkpoint or is truncated, or it is not a reid_lightning checkpoint (no
-            ``state_dict`` / ``reid_config``).
-    """
-    path = Path(path)
+def _read(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that name the file and the problem."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[-1] if lines else "")
@@ -49,12 +45,65 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"cannot read checkpoint {path}: not a torch checkpoint, or truncated (an interrupted save or "
             f"copy). Details: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'end of file'}"
         ) from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "reid_config" not in ckpt:
+
+
+def _is_ours(ckpt: Any) -> bool:
+    return isinstance(ckpt, dict) and "state_dict" in ckpt and "reid_config" in ckpt
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a Lightning checkpoint written by ``scripts/train.py`` without running pickled code.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file holds arbitrary pickled objects (refused, not executed), is not
+            a torch checkpoint or is truncated, or it is not a reid_lightning checkpoint (no
+            ``state_dict`` / ``reid_config``).
+    """
+    path = Path(path)
+    ckpt = _read(path)
+    if not _is_ours(ckpt):
         raise ValueError(
             f"{path} is not a reid_lightning checkpoint: it lacks 'state_dict' or 'reid_config' "
             "(write checkpoints with scripts/train.py)"
         )
     return ckpt
+
+
+def load_model_checkpoint(location: str | Path, option: str = "ckpt_path") -> dict[str, Any]:
+    """Load the model weights of a reid_lightning or a fast-reid checkpoint (path or ``http(s)://`` URL).
+
+    Called by ``scripts/eval.py`` (``ckpt_path``) and ``scripts/train.py`` (``init_from``). A URL
+    goes through torch.hub's download cache. A fast-reid checkpoint (``model_final.pth``, model
+    zoo files) is renamed to our keys (see :func:`~reid_lightning.modeling.fastreid_to_baseline`).
+
+    Args:
+        location: a path or URL.
+        option: the config key it came from, for the message of a failed download.
+
+    Returns:
+        ``{"state_dict": ReIDModule keys (model.backbone.*, model.head.*) -> tensors,
+        "reid_config": the saved run config, or None for a fast-reid checkpoint}``.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_checkpoint`; ValueError also when the file
+            is neither a reid_lightning nor a fast-reid checkpoint.
+        RuntimeError: a URL could not be downloaded.
+    """
+    location = str(location)
+    if location.startswith(("http://", "https://")):
+        ckpt = download(location, "the checkpoint", option)
+    else:
+        ckpt = _read(Path(location))
+    if _is_ours(ckpt):
+        return ckpt
+    if is_fastreid_checkpoint(ckpt):
+        state = fastreid_to_baseline(ckpt.get("model", ckpt), location)
+        return {"state_dict": {f"model.{k}": v for k, v in state.items()}, "reid_config": None}
+    raise ValueError(
+        f"{location} is neither a reid_lightning checkpoint ('state_dict' and 'reid_config', written by "
+        "scripts/train.py) nor a fast-reid one (a 'model' state dict with heads.bottleneck.0.* keys)"
+    )
 
 
 def num_classes_of(ckpt: dict[str, Any]) -> int:

@@ -6,8 +6,10 @@ Called as::
     def main(cfg):
         return evaluate(cfg)["mAP"]
 
-The model is rebuilt from the config saved in the checkpoint (``reid_config``); the data
-come from ``data=...`` on the command line, or from the checkpoint's config when omitted.
+The model is rebuilt from ``model=...`` on the command line, or from the config saved in the
+checkpoint (``reid_config``); the data come from ``data=...``, or from the checkpoint's config.
+A fast-reid checkpoint (``model_final.pth``) has no saved config: it needs both ``model=`` and
+``data=``.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import numpy as np
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from reid_lightning.engine.checkpoint import load_checkpoint
+from reid_lightning.engine.checkpoint import load_model_checkpoint
 from reid_lightning.engine.ddp_launch import hydra_job_ddp
 from reid_lightning.engine.module import ReIDModule
 from reid_lightning.engine.runner import build_datamodule, build_trainer, to_report, write_metrics
@@ -48,13 +50,20 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """
     output_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
-    ckpt = load_checkpoint(cfg.ckpt_path)
-    saved = OmegaConf.create(ckpt["reid_config"])
-
+    ckpt = load_model_checkpoint(cfg.ckpt_path)
+    saved = OmegaConf.create(ckpt["reid_config"] or {})
+    missing = [group for group in ("model", "data") if cfg.get(group) is None and saved.get(group) is None]
+    if missing:
+        raise ValueError(
+            f"{cfg.ckpt_path} holds no saved config (a fast-reid checkpoint?): pass "
+            + " and ".join(f"{group}=..." for group in missing)
+            + " on the command line, e.g. model=bot_r50 data=market1501"
+        )
     data_cfg = cfg.data if cfg.get("data") is not None else saved.data
     datamodule = build_datamodule(data_cfg)
 
-    model = rebuild_model(ckpt, source=str(cfg.ckpt_path), strict=cfg.get("strict_load", True))
+    model_cfg = cfg.model if cfg.get("model") is not None else saved.model
+    model = rebuild_model(ckpt, source=str(cfg.ckpt_path), strict=cfg.get("strict_load", True), model_cfg=model_cfg)
     want_outputs = bool(cfg.export_features or cfg.rank_lists.num_queries or cfg.cmc_curve)
     evaluation = OmegaConf.to_container(cfg.evaluation, resolve=True)
     module = ReIDModule(model, evaluation=evaluation, keep_eval_outputs=want_outputs)

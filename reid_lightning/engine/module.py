@@ -19,6 +19,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from reid_lightning.engine.optim import build_optimizer, build_warmup_multistep
@@ -29,6 +30,8 @@ _OPTIMIZER_KEYS = (
     "bias_lr_factor", "momentum", "nesterov",
 )
 _SCHEDULE_KEYS = ("warmup_iters", "warmup_factor", "milestones", "gamma", "milestones_after_warmup")
+# evaluation.precision: "32" extracts features with autocast off; "autocast" keeps the trainer's
+_EVAL_PRECISIONS = ("32", "autocast")
 _METRIC_KEYS = ("metric", "max_rank", "rerank", "rerank_k1", "rerank_k2", "rerank_lambda", "aqe", "aqe_alpha", "aqe_k", "tpr_fprs")
 
 
@@ -40,8 +43,10 @@ class ReIDModule(pl.LightningModule):
             ``losses(outputs, targets) -> dict[str, Tensor]`` consumes, and whose eval-mode
             ``forward(images)`` returns one feature vector per image (``Baseline`` does).
         solver: optimizer and schedule settings (keys of ``conf/solver/bot.yaml``).
-        evaluation: test-time settings (keys of ``evaluation`` in ``conf/train.yaml``):
-            ``flip`` plus the arguments of :class:`ReIDMetric`.
+        evaluation: test-time settings (keys of ``conf/evaluation/default.yaml``): ``flip``,
+            ``precision`` (``32``: evaluation features in float32 with autocast off, as
+            fast-reid; ``autocast``: in the trainer's mixed precision) plus the arguments of
+            :class:`ReIDMetric`.
         cfg: the resolved run config; stored in checkpoints as plain containers so that
             ``scripts/eval.py`` can rebuild the model, and exposed to hooks as ``trainer.cfg``.
         keep_eval_outputs: keep the ranked test data of the last test run in
@@ -61,6 +66,14 @@ class ReIDModule(pl.LightningModule):
         self.solver = dict(solver or {})
         self.evaluation = dict(evaluation or {})
         self.cfg = cfg
+        precision = str(self.evaluation.get("precision", "32"))
+        if precision not in _EVAL_PRECISIONS:
+            raise ValueError(
+                f"evaluation.precision must be one of {list(_EVAL_PRECISIONS)} (32: float32 features with autocast "
+                f"off; autocast: the trainer's mixed precision), got {precision!r}"
+            )
+        self.eval_autocast = precision == "autocast"
+        self._eval_samples = 0
         metric_kwargs = {k: v for k, v in self.evaluation.items() if k in _METRIC_KEYS}
         if "tpr_fprs" in metric_kwargs:
             metric_kwargs["tpr_fprs"] = tuple(metric_kwargs["tpr_fprs"] or ())
@@ -69,8 +82,11 @@ class ReIDModule(pl.LightningModule):
         self.last_test_metrics: dict[str, float] = {}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Features of ``images`` (eval mode) with the optional flip test."""
-        return extract_features(self.model, images, flip=bool(self.evaluation.get("flip", False)))
+        """Features of ``images`` (eval mode) with the optional flip test, in float32 unless
+        ``evaluation.precision=autocast``."""
+        return extract_features(
+            self.model, images, flip=bool(self.evaluation.get("flip", False)), autocast=self.eval_autocast
+        )
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
@@ -104,17 +120,48 @@ class ReIDModule(pl.LightningModule):
         return max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
 
     # ------------------------------------------------------------------ evaluation
+    def _sanity_checking(self) -> bool:
+        return self._trainer is not None and self.trainer.sanity_checking
+
     def _eval_step(self, metric: ReIDMetric, batch: Mapping[str, torch.Tensor]) -> None:
         features = self(batch["images"])
-        metric.update(features, batch["targets"], batch["camids"], batch["is_query"], batch["index"])
+        self._eval_samples += features.shape[0]
+        # the sanity check runs a few batches: often queries only, nothing to rank yet
+        if not self._sanity_checking():
+            metric.update(features, batch["targets"], batch["camids"], batch["is_query"], batch["index"])
+
+    def _warn_partial_split(self, prefix: str) -> None:
+        """Warn when fewer samples were evaluated (all ranks together) than the split holds."""
+        evaluated = self.trainer.strategy.reduce(
+            torch.tensor(self._eval_samples, device=self.device, dtype=torch.long), reduce_op="sum"
+        )
+        loaders = self.trainer.val_dataloaders if prefix == "val" else self.trainer.test_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        total = sum(len(loader.dataset) for loader in loaders)
+        if int(evaluated) < total:
+            rank_zero_warn(
+                f"{prefix}: evaluated {int(evaluated)} of the {total} samples (query + gallery) of the split "
+                f"(trainer.limit_{prefix}_batches?): the {prefix}/* metrics rank a partial gallery and are not "
+                "comparable with a full evaluation"
+            )
 
     def _eval_epoch_end(self, metric: ReIDMetric, prefix: str) -> dict[str, float]:
+        if self._sanity_checking():
+            metric.reset()
+            return {}
+        self._warn_partial_split(prefix)
         results = {k: float(v) for k, v in metric.compute().items()}
         metric.reset()
         # every rank computed the same numbers from the gathered features: no further sync
         for name, value in results.items():
             self.log(f"{prefix}/{name}", value, prog_bar=name in ("mAP", "rank1"), sync_dist=False, rank_zero_only=False)
         return results
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_samples = 0
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_samples = 0
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(self.val_metric, batch)

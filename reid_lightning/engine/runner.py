@@ -18,7 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from reid_lightning.engine.checkpoint import load_checkpoint, load_model_weights
+from reid_lightning.engine.checkpoint import load_model_checkpoint, load_model_weights
 from reid_lightning.engine.checkpoint_io import AtomicCheckpointIO
 from reid_lightning.engine.config_tree import print_config_tree
 from reid_lightning.engine.ddp_launch import hydra_job_ddp
@@ -112,7 +112,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     plain_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     module = ReIDModule(model, solver=cfg.solver, evaluation=OmegaConf.to_container(cfg.evaluation), cfg=plain_cfg)
     if cfg.get("init_from") and not resume.ckpt_path:  # a resumed run restores its own weights
-        init = load_checkpoint(cfg.init_from)
+        init = load_model_checkpoint(cfg.init_from, option="init_from")  # ours or fast-reid's
         load_model_weights(module, init["state_dict"], source=str(cfg.init_from), strict=cfg.get("init_strict", True))
 
     callbacks = instantiate_group(cfg.get("callbacks")) + build_hooks(cfg.get("hooks")) + [RNGStates()]

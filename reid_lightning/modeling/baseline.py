@@ -4,7 +4,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .backbones import build_resnet
+from .backbones import ResNet, load_pretrained
+from .backbones.pretrained import load_backbone_state, read_weights, state_dict_of
+from .fastreid_checkpoint import is_fastreid_checkpoint, load_fastreid_weights
 from .heads import BNNeckHead
 from .losses import CenterLoss, cross_entropy_label_smooth, triplet_loss
 
@@ -102,14 +104,21 @@ def build_bot(
     pretrained: str = "none",
     pooling: str = "avg",
     neck_feat: str = "after",
+    stem_pool: str = "torchvision",
     **loss_kwargs: Any,
 ) -> Baseline:
     """Build the BoT model: ResNet backbone + BNNeck head + losses.
 
     Args:
         num_classes: training identities.
-        depth, last_stride, with_ibn, stride_in_1x1, pretrained: see
-            :func:`~reid_lightning.modeling.backbones.build_resnet`.
+        depth, last_stride, with_ibn, stride_in_1x1, stem_pool: see
+            :func:`~reid_lightning.modeling.backbones.build_resnet` (the BoT configs
+            pick ``stem_pool="fastreid"``, fast-reid's own).
+        pretrained: ``"none"``, ``"imagenet"``, or the path or URL of backbone weights or of
+            a fast-reid checkpoint (``model_final.pth``, model zoo files). A fast-reid
+            checkpoint fills the backbone, the BNNeck and, where its shape fits, the
+            classifier (see :func:`~reid_lightning.modeling.fastreid_checkpoint.load_fastreid_weights`);
+            other files fill the backbone (see :func:`~reid_lightning.modeling.load_pretrained`).
         pooling, neck_feat: see :class:`~reid_lightning.modeling.heads.BNNeckHead`.
         **loss_kwargs: loss options of :class:`Baseline` (``ce_eps``,
             ``triplet_margin``, ``center_loss_scale``, ...).
@@ -117,6 +126,15 @@ def build_bot(
     Returns:
         The :class:`Baseline`.
     """
-    backbone = build_resnet(depth, last_stride, with_ibn, stride_in_1x1, pretrained)
+    backbone = ResNet(depth, last_stride, with_ibn, stride_in_1x1, stem_pool)
     head = BNNeckHead(backbone.out_channels, num_classes, pooling=pooling, neck_feat=neck_feat)
-    return Baseline(backbone, head, **loss_kwargs)
+    model = Baseline(backbone, head, **loss_kwargs)
+    if pretrained in ("none", "imagenet"):
+        load_pretrained(backbone, pretrained)
+        return model
+    obj, source = read_weights(pretrained)
+    if is_fastreid_checkpoint(obj):
+        load_fastreid_weights(model, obj, source)
+    else:
+        load_backbone_state(backbone, state_dict_of(obj, source), source)
+    return model

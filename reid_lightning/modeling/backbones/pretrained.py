@@ -1,7 +1,15 @@
-"""Initial backbone weights: none, torchvision's ImageNet download, or a file."""
+"""Initial backbone weights: none, an ImageNet download, a file or a URL.
+
+``load_pretrained(backbone, "imagenet")`` fetches torchvision's ResNet weights, or IBN-Net's
+release for IBN-a ResNets, through torch.hub's download cache (``$TORCH_HOME/hub/checkpoints``);
+a path or an ``http(s)://`` URL names a state dict (a URL goes through the same cache).
+"""
 
 import logging
+import pickle
+import warnings
 from pathlib import Path
+from typing import Any
 from urllib.error import URLError
 
 import torch
@@ -21,7 +29,19 @@ _IMAGENET_WEIGHTS = {
     101: "ResNet101_Weights.IMAGENET1K_V1",
 }
 
+# IBN-Net's ImageNet weights of the IBN-a ResNets (the files fast-reid downloads)
+IBN_A_URLS = {
+    18: "https://github.com/XingangPan/IBN-Net/releases/download/v1.0/resnet18_ibn_a-2f571257.pth",
+    34: "https://github.com/XingangPan/IBN-Net/releases/download/v1.0/resnet34_ibn_a-94bc1577.pth",
+    50: "https://github.com/XingangPan/IBN-Net/releases/download/v1.0/resnet50_ibn_a-d9d0bb7b.pth",
+    101: "https://github.com/XingangPan/IBN-Net/releases/download/v1.0/resnet101_ibn_a-59ea0ac6.pth",
+}
+
 _SHOWN_NAMES = 10
+
+
+class RandomInitWarning(UserWarning):
+    """A deep backbone (ResNet-50 or deeper) starts from random weights."""
 
 
 def load_pretrained(model: nn.Module, pretrained: str) -> None:
@@ -31,78 +51,123 @@ def load_pretrained(model: nn.Module, pretrained: str) -> None:
         model: the backbone (a :class:`~reid_lightning.modeling.backbones.resnet.ResNet`
             for ``"imagenet"``; any module with matching keys for a path).
         pretrained: one of
-            ``"none"``: keep the random initialisation;
-            ``"imagenet"``: torchvision's ImageNet weights for ``model.depth``,
-            through torchvision's normal download and cache;
-            a path: a ``torch.load``-able file holding a state dict, or a dict
-            with the state dict under ``"state_dict"`` or ``"model"``. Prefixes
-            ``module.``/``model.``/``backbone.`` are stripped, ``fc.*`` dropped,
+            ``"none"``: keep the random initialisation (a :class:`RandomInitWarning` for
+            depth >= 50, which trains poorly from scratch);
+            ``"imagenet"``: ImageNet weights for ``model.depth`` through torch.hub's
+            download cache: torchvision's, or IBN-Net's release for IBN-a models;
+            a path or an ``http(s)://`` URL: a ``torch.load``-able file holding a state
+            dict, or a dict with the state dict under ``"state_dict"`` or ``"model"``.
+            Prefixes ``module.``/``model.``/``backbone.`` are stripped, ``fc.*`` dropped,
             floating tensors cast to the model's dtype (float16 files work).
 
     Raises:
         FileNotFoundError: the path does not exist.
-        RuntimeError: the download failed, or the file lacks some of the model's
-            tensors, has tensors of another shape, or holds NaN or infinite weights
-            (their names are listed). Infinite BatchNorm running statistics (a float16
-            overflow) are clamped with a warning instead.
-        ValueError: ``"imagenet"`` asked for an IBN-a or v1-stride model, for
-            which torchvision has no weights.
+        RuntimeError: the download failed (the message names the URL and how to pass a
+            local file instead), or the file lacks some of the model's tensors, has tensors
+            of another shape, or holds NaN or infinite weights (their names are listed).
+            Infinite BatchNorm running statistics (a float16 overflow) are clamped with a
+            warning instead.
+        ValueError: ``"imagenet"`` asked for a v1-stride model or a depth without weights.
     """
     if pretrained == "none":
+        warn_random_init(model)
         return
     if pretrained == "imagenet":
         state, source = _download_imagenet(model)
     else:
-        path = Path(pretrained).expanduser()
-        state, source = _read_file(path), str(path)
-    _load_checked(model, state, source)
+        obj, source = read_weights(pretrained)
+        state = state_dict_of(obj, source)
+    load_backbone_state(model, state, source)
+
+
+def warn_random_init(model: nn.Module) -> None:
+    """Warn (:class:`RandomInitWarning`) when ``model`` is a ResNet of depth >= 50: it keeps its random init."""
+    depth = getattr(model, "depth", 0)
+    if depth >= 50:
+        message = (
+            f"ResNet-{depth} backbone starts from RANDOM weights (model.pretrained=none): a BoT model this deep "
+            "trains poorly from scratch. Use model.pretrained=imagenet or the path/URL of a checkpoint."
+        )
+        warnings.warn(message, RandomInitWarning, stacklevel=3)
 
 
 def _download_imagenet(model: nn.Module) -> tuple[dict[str, Tensor], str]:
-    """Fetch torchvision's ImageNet state dict for ``model``; returns (state dict, url)."""
+    """Fetch the ImageNet state dict for ``model``; returns (state dict, url)."""
     depth = getattr(model, "depth", None)
     if depth not in _IMAGENET_WEIGHTS:
         raise ValueError(
             f"pretrained='imagenet' needs a ResNet of depth {sorted(_IMAGENET_WEIGHTS)}, "
             f"got {type(model).__name__} with depth={depth}"
         )
-    if getattr(model, "with_ibn", False):
-        raise ValueError(
-            "torchvision has no ImageNet weights for IBN-a ResNets: pass the path of an IBN-a "
-            f"checkpoint instead, e.g. model.pretrained=/path/to/resnet{depth}_ibn_a.pth"
-        )
     if getattr(model, "stride_in_1x1", False):
         raise ValueError(
-            "torchvision's ImageNet weights were trained with the stride in the 3x3 conv; "
+            "the ImageNet weights of torchvision and IBN-Net were trained with the stride in the 3x3 conv; "
             "use stride_in_1x1=False with pretrained='imagenet', or pass a v1 (Caffe) checkpoint "
             f"path: model.pretrained=/path/to/resnet{depth}.pth"
         )
-    url = torchvision.models.get_weight(_IMAGENET_WEIGHTS[depth]).url
+    if getattr(model, "with_ibn", False):
+        url, what = IBN_A_URLS[depth], f"IBN-Net's ImageNet ResNet-{depth}-IBN-a weights"
+    else:
+        url = torchvision.models.get_weight(_IMAGENET_WEIGHTS[depth]).url
+        what = f"torchvision's ImageNet ResNet-{depth} weights"
+    return state_dict_of(download(url, what), url), url
+
+
+def download(url: str, what: str, option: str = "model.pretrained") -> Any:
+    """Load the file at ``url`` through torch.hub's download cache (``weights_only``).
+
+    Args:
+        url: an ``http(s)://`` address.
+        what: what the file holds, for the error message.
+        option: the config key that takes a local path instead, for the error message.
+
+    Raises:
+        RuntimeError: the download failed; the message names the URL and the manual alternative.
+    """
     try:
-        state = torch.hub.load_state_dict_from_url(url, progress=True, map_location="cpu", weights_only=True)
+        return torch.hub.load_state_dict_from_url(url, progress=True, map_location="cpu", weights_only=True)
     except (URLError, OSError, RuntimeError) as err:
+        name = url.rsplit("/", 1)[-1]
         raise RuntimeError(
-            f"Downloading torchvision's ImageNet ResNet-{depth} weights from {url} failed ({err}). "
-            f"Without internet access, fetch that file elsewhere and pass its local path: "
-            f"model.pretrained=/path/to/resnet{depth}.pth"
+            f"Downloading {what} from {url} failed ({err}). Without internet access, fetch that file "
+            f"elsewhere (or copy it into {torch.hub.get_dir()}/checkpoints/) and pass its local path: "
+            f"{option}=/path/to/{name}"
         ) from err
-    return state, url
 
 
-def _read_file(path: Path) -> dict[str, Tensor]:
-    """Read a state dict from ``path`` (plain, or under ``state_dict``/``model``)."""
+def read_weights(location: str) -> tuple[Any, str]:
+    """Read a weights file from a path or an ``http(s)://`` URL with ``torch.load(weights_only=True)``.
+
+    Returns:
+        (the loaded object, its source for messages).
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        RuntimeError: the download failed, or the file holds pickled objects that weights-only
+            loading refuses.
+    """
+    if location.startswith(("http://", "https://")):
+        return download(location, "weights"), location
+    path = Path(location).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
             f"Pretrained weights file not found: {path} "
-            "(pretrained must be 'none', 'imagenet' or the path of a state dict)"
+            "(pretrained must be 'none', 'imagenet', a URL or the path of a state dict)"
         )
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), str(path)
+    except pickle.UnpicklingError as err:
+        raise RuntimeError(f"refusing to load {path}: it holds pickled objects beyond tensors ({err})") from err
+
+
+def state_dict_of(obj: Any, source: str) -> dict[str, Tensor]:
+    """The state dict in a loaded file: the object itself, or under ``state_dict``/``model``."""
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise RuntimeError(f"{path} holds no state dict (a dict of tensor names to tensors)")
+        raise RuntimeError(f"{source} holds no state dict (a dict of tensor names to tensors)")
     return obj
 
 
@@ -155,9 +220,18 @@ def _repair_overflowed_statistics(state: dict[str, Tensor], source: str) -> dict
     return state
 
 
-def _load_checked(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Load ``state`` into ``model``, raising on missing, mis-shaped or non-finite tensors
-    (infinite running statistics are clamped, see :func:`_repair_overflowed_statistics`)."""
+def load_backbone_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Load ``state`` into ``model``, raising on missing, mis-shaped or non-finite tensors.
+
+    Called by :func:`load_pretrained` and the fast-reid checkpoint loader. Prefixes
+    ``module.``/``model.``/``backbone.`` are stripped and ``fc.*`` dropped; infinite running
+    statistics are clamped (see :func:`_repair_overflowed_statistics`).
+
+    Args:
+        model: the backbone to fill.
+        state: tensor name -> tensor.
+        source: where the weights come from, for messages.
+    """
     dtype = next(model.parameters()).dtype
     state = {_strip_prefixes(k): v for k, v in state.items()}
     state = _repair_overflowed_statistics({k: v for k, v in state.items() if not k.startswith("fc.")}, source)

@@ -2,8 +2,9 @@
 
 Parameter names follow torchvision (``conv1``, ``bn1``, ``layer1.0.conv1``,
 ``layer1.0.downsample.0``, ...), so torchvision state dicts load as they are.
-Two options beyond torchvision: IBN-a blocks in layer1..layer3 and ResNet v1
-(Caffe) stride placement in the 1x1 conv of downsampling Bottlenecks.
+Options beyond torchvision: IBN-a blocks in layer1..layer3, ResNet v1 (Caffe)
+stride placement in the 1x1 conv of downsampling Bottlenecks, and fast-reid's stem
+max-pool (no padding, ``ceil_mode``) instead of torchvision's (padding 1).
 """
 
 from torch import Tensor, nn
@@ -67,6 +68,28 @@ class Bottleneck(tv_resnet.Bottleneck):
             self.conv2.stride = (1, 1)
 
 
+STEM_POOLS = ("fastreid", "torchvision")
+
+
+def build_stem_pool(name: str) -> nn.MaxPool2d:
+    """The 3x3 stride-2 max-pool after the stem conv.
+
+    Args:
+        name: ``"torchvision"``: ``MaxPool2d(3, 2, padding=1)``, the pool torchvision's
+            ImageNet weights were trained with; ``"fastreid"``: fast-reid's
+            ``MaxPool2d(3, 2, padding=0, ceil_mode=True)``, whose windows start one pixel
+            later (same output size for even inputs, one less row/column for odd ones).
+
+    Raises:
+        ValueError: another name.
+    """
+    if name == "torchvision":
+        return nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+    if name == "fastreid":
+        return nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True)
+    raise ValueError(f"stem_pool must be one of {list(STEM_POOLS)}, got {name!r}")
+
+
 _ARCHS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
     18: (BasicBlock, (2, 2, 2, 2)),
     34: (BasicBlock, (3, 4, 6, 3)),
@@ -83,6 +106,8 @@ class ResNet(nn.Module):
         last_stride: stride of layer4 (1 keeps a 16x8 map for 256x128 input).
         with_ibn: IBN-a: the first norm of every block in layer1..layer3 is IBN.
         stride_in_1x1: ResNet v1 stride placement (Bottleneck depths only).
+        stem_pool: ``"torchvision"`` or ``"fastreid"`` max-pool after the stem, see
+            :func:`build_stem_pool`.
 
     Called as ``resnet(images)`` with images (N, 3, H, W); returns the layer4
     map (N, out_channels, H', W'). ``out_channels`` is 512 (18/34) or 2048.
@@ -94,6 +119,7 @@ class ResNet(nn.Module):
         last_stride: int = 1,
         with_ibn: bool = False,
         stride_in_1x1: bool = False,
+        stem_pool: str = "torchvision",
     ) -> None:
         super().__init__()
         if depth not in _ARCHS:
@@ -107,12 +133,13 @@ class ResNet(nn.Module):
         self.last_stride = last_stride
         self.with_ibn = with_ibn
         self.stride_in_1x1 = stride_in_1x1
+        self.stem_pool = stem_pool
 
         self.inplanes = 64
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = build_stem_pool(stem_pool)
         self.layer1 = self._make_layer(block, 64, layers[0], 1, with_ibn)
         self.layer2 = self._make_layer(block, 128, layers[1], 2, with_ibn)
         self.layer3 = self._make_layer(block, 256, layers[2], 2, with_ibn)
@@ -154,6 +181,7 @@ def build_resnet(
     with_ibn: bool = False,
     stride_in_1x1: bool = False,
     pretrained: str = "none",
+    stem_pool: str = "torchvision",
 ) -> ResNet:
     """Build a ResNet backbone and load its initial weights.
 
@@ -162,13 +190,14 @@ def build_resnet(
         last_stride: stride of layer4: 1 (BoT) or 2 (ImageNet).
         with_ibn: IBN-a variant (Pan et al. 2018), as fast-reid's resnet-ibn-a.
         stride_in_1x1: ResNet v1 / Caffe stride placement in Bottlenecks.
-        pretrained: ``"none"``, ``"imagenet"`` (torchvision download) or a
-            path to a state dict; see :func:`load_pretrained`.
+        pretrained: ``"none"``, ``"imagenet"`` (torchvision's or IBN-Net's download),
+            a path or a URL of a state dict; see :func:`load_pretrained`.
+        stem_pool: ``"torchvision"`` (default) or ``"fastreid"``; see :func:`build_stem_pool`.
 
     Returns:
         The backbone; ``backbone(images)`` gives (N, out_channels, H/16, W/16)
         with last_stride 1, or H/32, W/32 with last_stride 2.
     """
-    model = ResNet(depth, last_stride, with_ibn, stride_in_1x1)
+    model = ResNet(depth, last_stride, with_ibn, stride_in_1x1, stem_pool)
     load_pretrained(model, pretrained)
     return model
