@@ -28,7 +28,7 @@ _OPTIMIZER_KEYS = (
     "name", "base_lr", "weight_decay", "weight_decay_norm", "weight_decay_bias",
     "bias_lr_factor", "momentum", "nesterov",
 )
-_SCHEDULE_KEYS = ("warmup_iters", "warmup_factor", "milestones", "gamma", "milestones_after_warmup")
+_SCHEDULE_KEYS = ("warmup_iters", "warmup_factor", "milestones", "gamma", "milestones_from")
 _METRIC_KEYS = ("metric", "max_rank", "rerank", "rerank_k1", "rerank_k2", "rerank_lambda", "aqe", "aqe_alpha", "aqe_k", "tpr_fprs")
 
 
