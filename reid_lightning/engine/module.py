@@ -86,7 +86,11 @@ class ReIDModule(pl.LightningModule):
         for name, value in loss_dict.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
         self.log("train/total_loss", total, prog_bar=True, batch_size=batch_size)
-        return {"loss": total, "loss_dict": {k: v.detach() for k, v in loss_dict.items()}}
+        metrics = {}
+        if isinstance(outputs, Mapping) and "cls_logits" in outputs:  # fast-reid's log_accuracy, top-1, on device
+            metrics["cls_accuracy"] = (outputs["cls_logits"].detach().argmax(dim=1) == batch["targets"]).float().mean()
+            self.log("train/cls_accuracy", metrics["cls_accuracy"], batch_size=batch_size)
+        return {"loss": total, "loss_dict": {k: v.detach() for k, v in loss_dict.items()}, "metrics": metrics}
 
     def configure_optimizers(self) -> dict[str, Any]:
         opt_kwargs = {k: self.solver[k] for k in _OPTIMIZER_KEYS if k in self.solver}
