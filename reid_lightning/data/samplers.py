@@ -183,22 +183,22 @@ class NaiveIdentitySampler(IdentitySampler):
             return self._last_pass[1]
         rng = np.random.default_rng([self.seed, index])
         k = self.num_instances
-        pool = list(range(len(self.identities)))
-        unused: dict[int, list[int]] = {}
+        # each identity's images in a random order (fewer than K: K drawn with replacement)
+        queues = [
+            (rng.permutation(images) if len(images) >= k else rng.choice(images, size=k, replace=True)).tolist()
+            for images in self.identities
+        ]
+        taken = [0] * len(queues)
+        pool = list(range(len(queues)))
         batches: list[list[int]] = []
         while len(pool) >= self.ids_per_batch:
-            chosen = [pool[i] for i in rng.choice(len(pool), self.ids_per_batch, replace=False).tolist()]
+            chosen = [pool[i] for i in rng.permutation(len(pool))[: self.ids_per_batch].tolist()]
             batch: list[int] = []
             for identity in chosen:
-                queue = unused.get(identity)
-                if queue is None:
-                    images = self.identities[identity]
-                    if len(images) < k:
-                        images = rng.choice(images, size=k, replace=True)
-                    queue = rng.permutation(images).tolist()
-                batch += queue[:k]
-                unused[identity] = queue = queue[k:]
-                if len(queue) < k:
+                start = taken[identity]
+                batch += queues[identity][start : start + k]
+                taken[identity] = start = start + k
+                if len(queues[identity]) - start < k:
                     pool.remove(identity)
             batches.append(batch)
         self._last_pass = (index, batches)
