@@ -80,7 +80,9 @@ def test_ranks_are_disjoint_slices_of_the_single_process_batch(kind: type[Identi
             assert len({PIDS[i] for i in parts[0]} & {PIDS[i] for i in parts[1]}) == 0
 
 
-@pytest.mark.parametrize(("kind", "global_batches"), [(NaiveIdentitySampler, 55 // 8), (BalancedIdentitySampler, 10 // 4)])
+@pytest.mark.parametrize(
+    ("kind", "global_batches"), [(NaiveIdentitySampler, 55 // 8), (BalancedIdentitySampler, 10 // 4)]
+)
 def test_length_equal_on_every_rank(kind: type[IdentitySampler], global_batches: int) -> None:
     lengths = {len(kind(PIDS, batch_size=8, num_instances=2, rank=r, world_size=4)) for r in range(4)}
     assert lengths == {global_batches * 2}
@@ -141,7 +143,9 @@ def test_naive_draws_identities_in_proportion_to_their_images() -> None:
     counts = [draws[pid] for pid in range(len(LONG_TAIL_COUNTS))]
     assert np.corrcoef(counts, LONG_TAIL_COUNTS)[0, 1] > 0.7
     # the balanced sampler over the same epoch: every identity about equally often
-    balanced = BalancedIdentitySampler(LONG_TAIL, batch_size=16, num_instances=4, seed=0, num_batches=sampler.num_batches)
+    balanced = BalancedIdentitySampler(
+        LONG_TAIL, batch_size=16, num_instances=4, seed=0, num_batches=sampler.num_batches
+    )
     uniform = identity_draws(list(balanced), LONG_TAIL, 4)
     assert max(uniform.values()) - min(uniform.values()) <= 1
 

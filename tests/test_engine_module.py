@@ -87,7 +87,8 @@ def test_training_logs_the_classification_accuracy(tiny_data, tmp_path):
         value, iteration = view.storage.latest()["cls_accuracy"]
         put.append((iteration, value))
 
-    trainer, _, _ = _fit(tiny_data, tmp_path, {"warmup_iters": 1}, epochs=1, hooks=[CallbackHook(after_step=record)], limit_val_batches=0)
+    hooks = [CallbackHook(after_step=record)]
+    trainer, _, _ = _fit(tiny_data, tmp_path, {"warmup_iters": 1}, epochs=1, hooks=hooks, limit_val_batches=0)
     assert [iteration for iteration, _ in put] == [0, 1, 2]
     assert all(0.0 <= value <= 1.0 for _, value in put)
     assert float(trainer.callback_metrics["train/cls_accuracy"]) == pytest.approx(put[-1][1])

@@ -40,7 +40,9 @@ def test_param_groups_split_norm_bias_and_skip_frozen():
 def test_batchnorm_biases_get_the_bias_settings_as_in_fastreid():
     # fast-reid's get_default_optimizer_params applies its "bias" override after the norm rule
     model = build_bot(num_classes=4, depth=18, pretrained="none")
-    groups = build_param_groups(model, base_lr=1.0, weight_decay=0.1, weight_decay_norm=0.2, weight_decay_bias=0.0, bias_lr_factor=2.0)
+    groups = build_param_groups(
+        model, base_lr=1.0, weight_decay=0.1, weight_decay_norm=0.2, weight_decay_bias=0.0, bias_lr_factor=2.0
+    )
     setting = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(setting[id(bn.bias)] == (2.0, 0.0) and setting[id(bn.weight)] == (1.0, 0.2) for bn in bns)
@@ -83,7 +85,9 @@ def test_milestones_from_start_count_epochs_from_the_start(iteration, expected):
     assert got == pytest.approx(expected)
 
 
-def fastreid_lrs(iters_per_epoch: int, max_epoch: int, base_lr: float = 3.5e-4, warmup_iters: int = 2000) -> list[float]:
+def fastreid_lrs(
+    iters_per_epoch: int, max_epoch: int, base_lr: float = 3.5e-4, warmup_iters: int = 2000
+) -> list[float]:
     """The LR of every iteration of fast-reid 1.4.0's BoT schedule, driven as its trainer does.
 
     build_lr_scheduler makes MultiStepLR(milestones [40, 90], gamma 0.1), then WarmupLR (LR =
@@ -139,7 +143,9 @@ def test_after_warmup_is_fastreids_lr_at_every_iteration(iters_per_epoch, decay_
 )
 def test_after_warmup_offset_at_the_boundaries(iters_per_epoch, warmup_iters, offset):
     assert milestone_offset(iters_per_epoch, warmup_iters, "after_warmup") == offset
-    kwargs = dict(iters_per_epoch=iters_per_epoch, warmup_iters=warmup_iters, warmup_factor=0.1, milestones=(2,), gamma=0.5)
+    kwargs = dict(
+        iters_per_epoch=iters_per_epoch, warmup_iters=warmup_iters, warmup_factor=0.1, milestones=(2,), gamma=0.5
+    )
     decay = (2 + offset) * iters_per_epoch
     assert warmup_multistep_factor(decay - 1, **kwargs) == pytest.approx(1.0)
     assert warmup_multistep_factor(decay, **kwargs) == pytest.approx(0.5)

@@ -133,7 +133,8 @@ def test_histograms_reach_tensorboard_and_are_then_cleared(tmp_path: Path) -> No
         view.storage.put_histogram("weights", view.model[0].weight, bins=10)
 
     logger = TensorBoardLogger(tmp_path, name="tb")
-    make_trainer(tmp_path, [CallbackHook(after_step=put)], logger=logger, log_every_n_steps=1).fit(TinyModule(batches=3))
+    trainer = make_trainer(tmp_path, [CallbackHook(after_step=put)], logger=logger, log_every_n_steps=1)
+    trainer.fit(TinyModule(batches=3))
     assert pending == [0] * 6
     events = EventAccumulator(logger.log_dir, size_guidance={HISTOGRAMS: 0})
     events.Reload()

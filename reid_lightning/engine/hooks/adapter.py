@@ -11,9 +11,10 @@ weak-keyed table, so nothing is added to the Trainer) and:
   at the ``on_train_batch_end`` of the batch in which Lightning's ``global_step`` advanced;
 * before any ``after_step``, puts the step's scalars at ``storage.iter == trainer.iter``:
   ``total_loss`` (``outputs["loss"]``, un-normalised under gradient accumulation), every
-  ``outputs["loss_dict"]`` and ``outputs["metrics"]`` entry (e.g. ``cls_accuracy``), ``lr`` (first parameter group of the first optimizer, as used by
-  the step), ``data_time`` (time outside Lightning's batch hooks: loader and transfer) and
-  ``time`` (time inside them), each averaged/summed over the step's micro-batches;
+  ``outputs["loss_dict"]`` and ``outputs["metrics"]`` entry (e.g. ``cls_accuracy``), ``lr``
+  (first parameter group of the first optimizer, as used by the step), ``data_time`` (time
+  outside Lightning's batch hooks: loader and transfer) and ``time`` (time inside them), each
+  averaged/summed over the step's micro-batches;
 * after the last hook's ``after_step`` (and after the last ``after_epoch``/``after_train``), sends
   the scalars put at that iteration to the Lightning loggers with ``logger.log_metrics`` on global
   rank 0 (no collective call, so no DDP deadlock) every ``log_every_n_steps`` steps. The values
@@ -295,8 +296,8 @@ class HookAdapter:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=iteration)
 
-
     def _write_histograms(self) -> None:
+        """Write the storage's histograms to the TensorBoard loggers (global rank 0), then clear them."""
         histograms = self.storage.histograms
         if not histograms:
             return

@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from torch import nn
 from pytorch_lightning.utilities.model_helpers import is_overridden
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from reid_lightning.engine.hooks.base import HookBase
