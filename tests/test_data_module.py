@@ -7,9 +7,19 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
 from PIL import Image
 
-from reid_lightning.data import ImageDataset, ReIDDataModule, Sample, build_test_transforms, verify_images
+from conftest import compose_train
+from reid_lightning.data import (
+    BalancedIdentitySampler,
+    ImageDataset,
+    NaiveIdentitySampler,
+    ReIDDataModule,
+    Sample,
+    build_test_transforms,
+    verify_images,
+)
 from reid_lightning.data.datamodule import shard_range
 
 DEMO = {
@@ -101,6 +111,26 @@ def test_two_rank_sharding(data_root: Path) -> None:
     assert len(per_rank[0]) == len(per_rank[1]) == len(single)
     assert all(len(batch) == 4 for batch in per_rank[0])
     assert [a + b for a, b in zip(*per_rank)] == single
+
+
+def test_sampler_key_picks_the_identity_sampler(data_root: Path, tmp_path: Path) -> None:
+    cfg = compose_train([], output_dir=tmp_path)
+    assert cfg.data.sampler == "naive"  # fast-reid's, the BoT default
+    for name, kind in (("naive", NaiveIdentitySampler), ("balanced", BalancedIdentitySampler)):
+        loader = make_datamodule(data_root, sampler=name).build_train_loader(0, 1)
+        assert type(loader.sampler.sampler) is kind
+    with pytest.raises(Exception, match="unknown data.sampler 'pk': choose one of naive, balanced"):
+        instantiate(compose_train(["data.sampler=pk"], output_dir=tmp_path).data)
+
+
+def test_a_second_stream_gives_other_batches_of_the_same_data(data_root: Path) -> None:
+    dm = make_datamodule(data_root)
+
+    def targets(**kwargs: int) -> list[list[int]]:
+        return [b["targets"].tolist() for b in dm.build_train_loader(0, 1, **kwargs)]
+
+    assert targets(epoch=2) == targets(epoch=2) != targets(epoch=3)
+    assert targets(epoch=2, stream=1) == targets(epoch=2, stream=1) != targets(epoch=2)
 
 
 @pytest.mark.parametrize(("num_samples", "world_size"), [(10, 3), (2, 4), (7, 1)])

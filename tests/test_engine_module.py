@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 from reid_lightning.data import ReIDDataModule
+from reid_lightning.engine.hooks import CallbackHook
 from reid_lightning.engine.module import ReIDModule
 from reid_lightning.modeling import build_bot
 
@@ -48,14 +49,14 @@ def small_data(tmp_path_factory):
     return dm
 
 
-def _fit(dm, tmp_path, solver, epochs=2, **trainer_kwargs):
+def _fit(dm, tmp_path, solver, epochs=2, hooks=(), **trainer_kwargs):
     model = build_bot(num_classes=dm.num_classes, depth=18, pretrained="none")
     module = ReIDModule(model, solver=solver, evaluation={"metric": "cosine"}, cfg={"note": "plain config"})
     recorder = _LRRecorder()
     options = dict(
         accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
-        default_root_dir=tmp_path, callbacks=[recorder],
+        default_root_dir=tmp_path, callbacks=[recorder, *hooks],
     )
     trainer = pl.Trainer(**{**options, **trainer_kwargs})
     trainer.fit(module, datamodule=dm)
@@ -93,6 +94,24 @@ def test_training_step_returns_the_hook_contract(tiny_data):
     assert out["loss"].requires_grad
     assert set(out["loss_dict"]) == {"loss_cls", "loss_triplet"}
     assert torch.allclose(out["loss"].detach(), sum(out["loss_dict"].values()))
+    with torch.no_grad():  # train-mode BatchNorm uses batch statistics: the same logits again
+        logits = model(batch["images"])["cls_logits"]
+    top1 = (logits.argmax(1) == batch["targets"]).float().mean()
+    assert set(out["metrics"]) == {"cls_accuracy"} and out["metrics"]["cls_accuracy"] == top1
+
+
+def test_training_logs_the_classification_accuracy(tiny_data, tmp_path):
+    put: list[tuple[int, float]] = []
+
+    def record(view) -> None:
+        value, iteration = view.storage.latest()["cls_accuracy"]
+        put.append((iteration, value))
+
+    hooks = [CallbackHook(after_step=record)]
+    trainer, _, _ = _fit(tiny_data, tmp_path, {"warmup_iters": 1}, epochs=1, hooks=hooks, limit_val_batches=0)
+    assert [iteration for iteration, _ in put] == [0, 1, 2]
+    assert all(0.0 <= value <= 1.0 for _, value in put)
+    assert float(trainer.callback_metrics["train/cls_accuracy"]) == pytest.approx(put[-1][1])
 
 
 def test_non_finite_loss_names_iteration_and_terms(tiny_data):

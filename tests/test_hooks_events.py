@@ -61,6 +61,23 @@ def test_name_scope_prefixes_names_and_images() -> None:
     assert storage.images == []
 
 
+def test_put_histogram_records_detectron2_histogram_params() -> None:
+    storage = EventStorage(start_iter=7)
+    assert storage.epoch == 0
+    values = torch.tensor([[0.0, 1.0], [1.0, 4.0]])
+    with storage.name_scope("weights"):
+        storage.put_histogram("conv", values, bins=4)
+    (hist,) = storage.histograms
+    assert hist == {
+        "tag": "weights/conv", "min": 0.0, "max": 4.0, "num": 4, "sum": 6.0, "sum_squares": 18.0,
+        "bucket_limits": [1.0, 2.0, 3.0, 4.0], "bucket_counts": [1.0, 2.0, 0.0, 1.0], "global_step": 7,
+    }
+    storage.clear_histograms()
+    assert storage.histograms == []
+    with pytest.raises(ValueError, match="put_histogram\\('empty'\\) got an empty tensor"):
+        storage.put_histogram("empty", torch.zeros(0))
+
+
 def test_get_event_storage_returns_the_innermost_active_storage() -> None:
     with pytest.raises(RuntimeError, match="no active EventStorage"):
         get_event_storage()

@@ -8,7 +8,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import HISTOGRAMS, EventAccumulator
 
 from hooks_support import Recorder, TinyModule, events_of, make_trainer
 from reid_lightning.engine.hooks import CallbackHook, HookBase, get_event_storage
@@ -110,6 +111,36 @@ def test_step_scalars_are_in_the_storage_at_after_step(tmp_path: Path) -> None:
 
     make_trainer(tmp_path, [Check()]).fit(TinyModule(batches=3))
     assert checked == list(range(6))
+
+
+def test_storage_iter_and_epoch_follow_the_loop(tmp_path: Path) -> None:
+    seen: list[tuple[str, int, int]] = []
+
+    def record(event: str):
+        return lambda view: seen.append((event, view.storage.iter, view.storage.epoch))
+
+    hook = CallbackHook(before_epoch=record("before_epoch"), after_step=record("after_step"))
+    make_trainer(tmp_path, [hook]).fit(TinyModule(batches=3))
+    assert [(i, e) for event, i, e in seen if event == "after_step"] == [(0, 0), (1, 0), (2, 0), (3, 1), (4, 1), (5, 1)]
+    assert [e for event, _, e in seen if event == "before_epoch"] == [0, 1]
+
+
+def test_histograms_reach_tensorboard_and_are_then_cleared(tmp_path: Path) -> None:
+    pending: list[int] = []
+
+    def put(view) -> None:
+        pending.append(len(view.storage.histograms))  # the previous step's were written and cleared
+        view.storage.put_histogram("weights", view.model[0].weight, bins=10)
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = make_trainer(tmp_path, [CallbackHook(after_step=put)], logger=logger, log_every_n_steps=1)
+    trainer.fit(TinyModule(batches=3))
+    assert pending == [0] * 6
+    events = EventAccumulator(logger.log_dir, size_guidance={HISTOGRAMS: 0})
+    events.Reload()
+    written = events.Histograms("weights")
+    assert [h.step for h in written] == list(range(6))
+    assert all(h.histogram_value.num == 16 * 8 for h in written)
 
 
 def test_hook_scalars_reach_the_lightning_logger(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hooks_support import RandomDicts, TinyModule, make_trainer
+from hooks_support import CLASSES, FEATURES, RandomDicts, TinyModule, make_trainer
+from reid_lightning.data import ReIDDataModule
 from reid_lightning.engine.hooks import (
     CallbackHook,
     HookBase,
@@ -104,6 +105,36 @@ def test_precise_bn_sets_running_stats_to_the_data_statistics(tmp_path: Path) ->
     torch.testing.assert_close(bn.running_mean, mean)
     torch.testing.assert_close(bn.running_var, var)
     assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 5
+
+
+def test_precise_bn_reads_its_own_fresh_loader_not_the_epochs_batches(demo_root: Path, tmp_path: Path) -> None:
+    dm = ReIDDataModule(
+        "demo", root=str(demo_root), height=16, width=8, batch_size=8, num_instances=4, num_workers=0,
+        pin_memory=False, batches_per_epoch=3,
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    trained: list[list[int]] = []
+    read: list[list[int]] = []
+
+    def features(batch: dict) -> torch.Tensor:
+        return batch["images"].flatten(1)[:, :FEATURES]
+
+    def images(batch: dict) -> torch.Tensor:
+        read.append(batch["targets"].tolist())
+        return features(batch)
+
+    class OnReIDBatches(TinyModule):
+        def training_step(self, batch: dict, batch_idx: int) -> dict:
+            trained.append(batch["targets"].tolist())
+            return super().training_step({"images": features(batch), "targets": batch["targets"] % CLASSES}, batch_idx)
+
+    hook = PreciseBN(num_iter=5, get_images=images)
+    make_trainer(tmp_path, [hook], max_epochs=1, use_distributed_sampler=False).fit(OnReIDBatches(), datamodule=dm)
+    assert len(trained) == 3 and len(read) == 5
+    expected = [b["targets"].tolist() for epoch in (0, 1) for b in dm.build_train_loader(0, 1, epoch=epoch, stream=1)]
+    assert read == expected[:5]  # its own loader (stream 1) from the current epoch on, then the next epoch
+    assert read[:3] != trained
 
 
 def test_precise_bn_reads_images_with_a_callable(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, Subset
 from reid_lightning.data.datasets import build_dataset
 from reid_lightning.data.datasets.demo import prepare_demo
 from reid_lightning.data.image_dataset import ImageDataset, verify_images
-from reid_lightning.data.samplers import IdentitySampler, distributed_context
+from reid_lightning.data.samplers import SAMPLERS, build_identity_sampler, distributed_context
 from reid_lightning.data.samples import ReIDSplits, Sample
 from reid_lightning.data.seeded_sampler import SeededSampler
 from reid_lightning.data.transforms import build_test_transforms, build_train_transforms
@@ -43,7 +44,7 @@ class ReIDDataModule(pl.LightningDataModule):
     """Train and evaluation data of a re-identification data set.
 
     Training batches are dicts ``{"images": (B, 3, H, W), "targets": (B,), "camids": (B,)}``
-    drawn by :class:`IdentitySampler` (``B = batch_size // world_size`` per rank);
+    drawn by an identity sampler (``data.sampler``; ``B = batch_size // world_size`` per rank);
     validation and test batches add ``"index"`` (position in query + gallery,
     queries first) and ``"is_query"``, and every rank gets a contiguous share of
     query + gallery without padding. Run the trainer with
@@ -74,6 +75,13 @@ class ReIDDataModule(pl.LightningDataModule):
         seed: seed of the identity sampler.
         batches_per_epoch: global training batches per epoch; default fast-reid's
             epoch, ``len(train images) // batch_size`` (at least 1).
+        sampler: ``"naive"``: fast-reid's NaiveIdentitySampler (identities drawn in
+            proportion to their image count, :class:`~reid_lightning.data.samplers.NaiveIdentitySampler`);
+            ``"balanced"``: every identity once per pass
+            (:class:`~reid_lightning.data.samplers.BalancedIdentitySampler`).
+
+    Raises:
+        ValueError: for an unknown ``sampler``.
     """
 
     def __init__(
@@ -95,8 +103,11 @@ class ReIDDataModule(pl.LightningDataModule):
         verify_images: bool = False,
         seed: int = 0,
         batches_per_epoch: int | None = None,
+        sampler: str = "naive",
     ) -> None:
         super().__init__()
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown data.sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
         self.save_hyperparameters(logger=False)  # saved in checkpoints; the runner logs the whole config
         self.dataset = dataset
         self.root = str(root)
@@ -114,6 +125,7 @@ class ReIDDataModule(pl.LightningDataModule):
         self.verify_images = verify_images
         self.seed = seed
         self.batches_per_epoch = batches_per_epoch
+        self.sampler = sampler
         self._splits: ReIDSplits | None = None
         self._resume_epoch: int | None = None
 
@@ -203,28 +215,32 @@ class ReIDDataModule(pl.LightningDataModule):
             "persistent_workers": self.persistent_workers and self.num_workers > 0,
         }
 
-    def build_train_loader(self, rank: int, world_size: int) -> DataLoader:
+    def build_train_loader(self, rank: int, world_size: int, epoch: int | None = None, stream: int = 0) -> DataLoader:
         """Builds the training loader of one rank.
 
         Args:
             rank: the rank.
             world_size: number of ranks; ``batch_size`` must divide into
                 ``world_size * num_instances``.
+            epoch: the sampler's first epoch; default the trainer's current epoch (after
+                a restore: the checkpoint's ``next_epoch``, see :meth:`state_dict`).
+            stream: 0 for the training batches; another number gives a loader over the
+                same data with its own batches and augmentation seeds (``PreciseBN`` uses 1).
 
         Returns:
-            A loader of ``batch_size // world_size`` images per batch, whose sampler
-            starts at the trainer's current epoch (after a restore: the checkpoint's
-            ``next_epoch``, see :meth:`state_dict`). Each image's augmentation has its own
-            seed (:class:`SeededSampler`), so it does not depend on the loader workers
-            and a resumed epoch repeats the uninterrupted one.
+            A loader of ``batch_size // world_size`` images per batch. Each image's
+            augmentation has its own seed (:class:`SeededSampler`), so it does not depend
+            on the loader workers and a resumed epoch repeats the uninterrupted one.
         """
         train = self.splits.train
         num_batches = self.batches_per_epoch or max(1, len(train) // self.batch_size)
-        identities = IdentitySampler(
-            [s.pid for s in train], self.batch_size, self.num_instances, self.seed, rank, world_size, num_batches
+        seed = self.seed if stream == 0 else int(np.random.SeedSequence([self.seed, stream]).generate_state(1)[0])
+        identities = build_identity_sampler(
+            self.sampler, [s.pid for s in train], self.batch_size, self.num_instances,
+            seed=seed, rank=rank, world_size=world_size, num_batches=num_batches,
         )
-        sampler = SeededSampler(identities, self.seed, rank)
-        sampler.set_epoch(self._first_train_epoch())
+        sampler = SeededSampler(identities, seed, rank)
+        sampler.set_epoch(self._first_train_epoch() if epoch is None else epoch)
         transform = build_train_transforms(self.size, self.flip_prob, self.padding, self.erasing_prob)
         return DataLoader(
             ImageDataset(train, transform),

@@ -3,7 +3,7 @@ position in the epoch), whatever process draws it.
 
 Used by :meth:`ReIDDataModule.build_train_loader <reid_lightning.data.ReIDDataModule.build_train_loader>`::
 
-    sampler = SeededSampler(IdentitySampler(pids, 64, 4, seed=0), seed=0, rank=0)
+    sampler = SeededSampler(NaiveIdentitySampler(pids, 64, 4, seed=0), seed=0, rank=0)
     loader = DataLoader(ImageDataset(train, transform), batch_size=64, sampler=sampler)
     # the loader asks ImageDataset for (index, item_seed) keys; the transform runs under torch_seeded(item_seed)
 
@@ -32,7 +32,7 @@ class SeededSampler(Sampler[tuple[int, int]]):
     (called by Lightning at each epoch start) is passed on to ``sampler``.
 
     Args:
-        sampler: a sampler of dataset indices (``IdentitySampler``).
+        sampler: a sampler of dataset indices (an ``IdentitySampler``).
         seed: base seed.
         rank: the process's rank (its share of a global batch gets its own seeds).
     """

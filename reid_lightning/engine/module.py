@@ -29,7 +29,7 @@ _OPTIMIZER_KEYS = (
     "name", "base_lr", "weight_decay", "weight_decay_norm", "weight_decay_bias",
     "bias_lr_factor", "momentum", "nesterov",
 )
-_SCHEDULE_KEYS = ("warmup_iters", "warmup_factor", "milestones", "gamma", "milestones_after_warmup")
+_SCHEDULE_KEYS = ("warmup_iters", "warmup_factor", "milestones", "gamma", "milestones_from")
 # evaluation.precision: "32" extracts features with autocast off; "autocast" keeps the trainer's
 _EVAL_PRECISIONS = ("32", "autocast")
 _METRIC_KEYS = ("metric", "max_rank", "rerank", "rerank_k1", "rerank_k2", "rerank_lambda", "aqe", "aqe_alpha", "aqe_k", "tpr_fprs")
@@ -102,7 +102,11 @@ class ReIDModule(pl.LightningModule):
         for name, value in loss_dict.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
         self.log("train/total_loss", total, prog_bar=True, batch_size=batch_size)
-        return {"loss": total, "loss_dict": {k: v.detach() for k, v in loss_dict.items()}}
+        metrics = {}
+        if isinstance(outputs, Mapping) and "cls_logits" in outputs:  # fast-reid's log_accuracy, top-1, on device
+            metrics["cls_accuracy"] = (outputs["cls_logits"].detach().argmax(dim=1) == batch["targets"]).float().mean()
+            self.log("train/cls_accuracy", metrics["cls_accuracy"], batch_size=batch_size)
+        return {"loss": total, "loss_dict": {k: v.detach() for k, v in loss_dict.items()}, "metrics": metrics}
 
     def configure_optimizers(self) -> dict[str, Any]:
         opt_kwargs = {k: self.solver[k] for k in _OPTIMIZER_KEYS if k in self.solver}

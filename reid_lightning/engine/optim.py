@@ -3,8 +3,8 @@
 Called by :class:`reid_lightning.engine.module.ReIDModule.configure_optimizers`::
 
     optimizer = build_optimizer(model, name="Adam", base_lr=3.5e-4, weight_decay=5e-4)
-    scheduler = build_warmup_multistep(optimizer, iters_per_epoch=len(loader),
-                                       warmup_iters=2000, milestones=(40, 90))
+    scheduler = build_warmup_multistep(optimizer, iters_per_epoch=len(loader), warmup_iters=2000,
+                                       milestones=(40, 90), milestones_from="after_warmup")
     # scheduler.step() once per optimizer step (Lightning: interval="step")
 """
 from __future__ import annotations
@@ -29,9 +29,22 @@ def build_param_groups(
 ) -> list[dict]:
     """Split trainable parameters into groups as fast-reid's ``get_default_optimizer_params``.
 
-    Norm-layer parameters get ``weight_decay_norm``; biases get ``weight_decay_bias`` and
-    ``base_lr * bias_lr_factor``; everything else ``weight_decay``. Frozen parameters
-    (``requires_grad=False``, e.g. the BNNeck bias) are left out. Empty groups are dropped.
+    Every parameter named ``bias`` gets ``base_lr * bias_lr_factor`` and ``weight_decay_bias``,
+    norm-layer biases included (fast-reid applies its bias override after the norm rule);
+    the other norm-layer parameters get ``base_lr`` and ``weight_decay_norm``; everything else
+    ``base_lr`` and ``weight_decay``. Frozen parameters (``requires_grad=False``, e.g. the
+    BNNeck bias) are left out. Empty groups are dropped.
+
+    Args:
+        model: the model whose parameters are grouped.
+        base_lr: learning rate of the non-bias parameters.
+        weight_decay: weight decay of the parameters that are neither biases nor in norm layers.
+        weight_decay_norm: weight decay of the norm-layer weights.
+        weight_decay_bias: weight decay of every bias.
+        bias_lr_factor: learning-rate multiplier of every bias.
+
+    Returns:
+        ``[{"params": [...], "lr": ..., "weight_decay": ...}, ...]``, one group per setting.
     """
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     seen: set[int] = set()
@@ -43,7 +56,7 @@ def build_param_groups(
             lr, wd = base_lr, weight_decay
             if isinstance(module, _NORM_TYPES):
                 wd = weight_decay_norm
-            elif name == "bias":
+            if name == "bias":
                 lr, wd = base_lr * bias_lr_factor, weight_decay_bias
             groups.setdefault((lr, wd), []).append(param)
     return [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]
@@ -75,6 +88,28 @@ def build_optimizer(
     raise ValueError(f"unknown optimizer {name!r}: choose one of Adam, AdamW, SGD")
 
 
+MILESTONES_FROM = ("after_warmup", "start")
+
+
+def milestone_offset(iters_per_epoch: int, warmup_iters: int, milestones_from: str) -> int:
+    """Epochs added to every milestone.
+
+    ``"start"``: 0, milestones count epochs from the start of training. ``"after_warmup"``:
+    fast-reid's LRScheduler hook, which steps its MultiStepLR at the end of every epoch once the
+    next iteration is past the warmup (``(epoch + 1) * iters_per_epoch >= warmup_iters``); its
+    first step ends epoch ``ceil(warmup_iters / iters_per_epoch) - 1``, so milestone ``m`` takes
+    effect from epoch ``m + ceil(warmup_iters / iters_per_epoch) - 1`` (0 without warmup).
+
+    Raises:
+        ValueError: for an unknown ``milestones_from`` (the message lists the choices).
+    """
+    if milestones_from == "start":
+        return 0
+    if milestones_from == "after_warmup":
+        return max(0, math.ceil(warmup_iters / iters_per_epoch) - 1)
+    raise ValueError(f"unknown solver.milestones_from {milestones_from!r}: choose one of {', '.join(MILESTONES_FROM)}")
+
+
 def warmup_multistep_factor(
     iteration: int,
     iters_per_epoch: int,
@@ -82,24 +117,21 @@ def warmup_multistep_factor(
     warmup_factor: float,
     milestones: Sequence[int],
     gamma: float,
-    milestones_after_warmup: bool = False,
+    milestones_from: str = "after_warmup",
 ) -> float:
     """LR multiplier at optimizer step ``iteration`` (0-based).
 
-    Linear warmup as fast-reid: ``warmup_factor * (1 - a) + a`` with ``a = iteration / warmup_iters``
-    for ``iteration < warmup_iters``, then 1. Multistep: times ``gamma`` for every milestone
-    epoch reached, where the epoch is ``iteration // iters_per_epoch``. With
-    ``milestones_after_warmup=True`` the epoch is counted from the end of the warmup epochs
-    (``ceil(warmup_iters / iters_per_epoch)``), which is what fast-reid's LRScheduler hook does
-    because it only steps the multistep scheduler once warmup is over.
+    Linear warmup as fast-reid's WarmupLR: ``warmup_factor * (1 - a) + a`` with
+    ``a = iteration / warmup_iters`` for ``iteration < warmup_iters``, then 1. Multistep: times
+    ``gamma`` for every milestone ``m`` with ``iteration // iters_per_epoch >= m + offset``, the
+    offset from :func:`milestone_offset`. With ``"after_warmup"`` this is fast-reid's LR at every
+    iteration: its decays only start once the warmup has reached 1.
     """
     factor = 1.0
     if iteration < warmup_iters:
         alpha = iteration / warmup_iters
         factor = warmup_factor * (1.0 - alpha) + alpha
-    epoch = iteration // iters_per_epoch
-    if milestones_after_warmup:
-        epoch -= math.ceil(warmup_iters / iters_per_epoch)
+    epoch = iteration // iters_per_epoch - milestone_offset(iters_per_epoch, warmup_iters, milestones_from)
     passed = sum(1 for m in milestones if epoch >= m)
     return factor * gamma**passed
 
@@ -111,20 +143,35 @@ def build_warmup_multistep(
     warmup_factor: float = 0.1,
     milestones: Sequence[int] = (40, 90),
     gamma: float = 0.1,
-    milestones_after_warmup: bool = False,
+    milestones_from: str = "after_warmup",
 ) -> LambdaLR:
     """A per-iteration :class:`LambdaLR` following :func:`warmup_multistep_factor`.
 
     Its state (``last_epoch`` = optimizer steps taken) goes into checkpoints, so a resumed
     run continues the warmup and the milestones where it stopped.
+
+    Args:
+        optimizer: the optimizer whose groups' ``lr`` is the base LR.
+        iters_per_epoch: optimizer steps per epoch.
+        warmup_iters: warmup length in optimizer steps (0: none).
+        warmup_factor: LR multiplier at step 0.
+        milestones: epochs of the decays, counted as ``milestones_from`` says (positive).
+        gamma: multiplier per decay.
+        milestones_from: ``"after_warmup"`` (fast-reid) or ``"start"`` (see :func:`milestone_offset`).
+
+    Raises:
+        ValueError: ``iters_per_epoch < 1``, a milestone below 1, or an unknown ``milestones_from``.
     """
     if iters_per_epoch < 1:
         raise ValueError(f"iters_per_epoch must be >= 1, got {iters_per_epoch}")
     milestones = sorted(int(m) for m in milestones)
+    if milestones and milestones[0] < 1:
+        raise ValueError(f"solver.milestones must be epochs >= 1, got {milestones}")
+    milestone_offset(iters_per_epoch, warmup_iters, milestones_from)  # validates milestones_from
 
     def factor(iteration: int) -> float:
         return warmup_multistep_factor(
-            iteration, iters_per_epoch, warmup_iters, warmup_factor, milestones, gamma, milestones_after_warmup
+            iteration, iters_per_epoch, warmup_iters, warmup_factor, milestones, gamma, milestones_from
         )
 
     return LambdaLR(optimizer, factor)

@@ -11,17 +11,21 @@ weak-keyed table, so nothing is added to the Trainer) and:
   at the ``on_train_batch_end`` of the batch in which Lightning's ``global_step`` advanced;
 * before any ``after_step``, puts the step's scalars at ``storage.iter == trainer.iter``:
   ``total_loss`` (``outputs["loss"]``, un-normalised under gradient accumulation), every
-  ``outputs["loss_dict"]`` entry, ``lr`` (first parameter group of the first optimizer, as used by
-  the step), ``data_time`` (time outside Lightning's batch hooks: loader and transfer) and
-  ``time`` (time inside them), each averaged/summed over the step's micro-batches;
+  ``outputs["loss_dict"]`` and ``outputs["metrics"]`` entry (e.g. ``cls_accuracy``), ``lr``
+  (first parameter group of the first optimizer, as used by the step), ``data_time`` (time
+  outside Lightning's batch hooks: loader and transfer) and ``time`` (time inside them), each
+  averaged/summed over the step's micro-batches;
 * after the last hook's ``after_step`` (and after the last ``after_epoch``/``after_train``), sends
   the scalars put at that iteration to the Lightning loggers with ``logger.log_metrics`` on global
-  rank 0 (no collective call, so no DDP deadlock) every ``log_every_n_steps`` steps. The losses
-  taken from the step outputs are not sent: the LightningModule logs its own losses with
-  ``self.log``. Each rank's storage holds that rank's values; rank 0's reach the loggers.
+  rank 0 (no collective call, so no DDP deadlock) every ``log_every_n_steps`` steps. The values
+  taken from the step outputs are not sent: the LightningModule logs its own losses and metrics
+  with ``self.log``. Each rank's storage holds that rank's values; rank 0's reach the loggers.
 
 The storage never needs an explicit ``step()``: its ``iter`` is set to ``trainer.iter`` when each
-step starts (detectron2's invariant), so values put in ``after_epoch`` land at the last step.
+step starts (detectron2's invariant), so values put in ``after_epoch`` land at the last step; its
+``epoch`` is set to ``trainer.epoch`` before the hooks' ``before_epoch``. Histograms put with
+``storage.put_histogram`` go to the TensorBoard loggers (global rank 0) when the scalars are sent,
+and are then cleared on every rank.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.loggers import TensorBoardLogger
 
 from reid_lightning.engine.hooks.events import EventStorage
 from reid_lightning.engine.hooks.view import TrainerView
@@ -153,6 +158,7 @@ class HookAdapter:
         automatic = trainer.lightning_module.automatic_optimization
         self._loss_scale = float(trainer.accumulate_grad_batches) if automatic else 1.0
         self.storage = EventStorage(self.start_iter)
+        self.storage.epoch = self.start_epoch
         self.storage.__enter__()
         self._last_end = time.perf_counter()
 
@@ -165,9 +171,11 @@ class HookAdapter:
 
     # ------------------------------------------------------------------ epochs
     def epoch_start(self, hook: HookBase) -> None:
-        """``on_train_epoch_start``: restart the data timer, then ``hook.before_epoch()``."""
+        """``on_train_epoch_start``: restart the data timer and set ``storage.epoch``, then
+        ``hook.before_epoch()``."""
         if hook is self.first:
             self._last_end = time.perf_counter()
+            self.storage.epoch = self.pl_trainer.current_epoch
         hook.before_epoch()
 
     def epoch_end(self, hook: HookBase) -> None:
@@ -249,10 +257,11 @@ class HookAdapter:
         loss = outputs.get("loss")
         if loss is not None:
             self._parts.setdefault("total_loss", []).append(loss)
-        loss_dict = outputs.get("loss_dict")
-        if isinstance(loss_dict, Mapping):
-            for name, value in loss_dict.items():
-                self._parts.setdefault(str(name), []).append(value)
+        for key in ("loss_dict", "metrics"):
+            values = outputs.get(key)
+            if isinstance(values, Mapping):
+                for name, value in values.items():
+                    self._parts.setdefault(str(name), []).append(value)
 
     def _step_losses(self) -> dict[str, float]:
         """Mean over the step's micro-batches of every collected loss, as floats. ``total_loss``
@@ -266,7 +275,10 @@ class HookAdapter:
 
     # ------------------------------------------------------------------ loggers
     def _flush(self, iteration: int, due: bool) -> None:
-        """Send the scalars put at ``iteration`` and not sent before to the loggers when ``due``."""
+        """Send the scalars put at ``iteration`` and not sent before to the loggers when ``due``
+        (and the histograms put so far)."""
+        if due:
+            self._write_histograms()
         fresh = {
             name: value
             for name, (value, itr) in self.storage.latest().items()
@@ -283,6 +295,19 @@ class HookAdapter:
         if metrics:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=iteration)
+
+    def _write_histograms(self) -> None:
+        """Write the storage's histograms to the TensorBoard loggers (global rank 0), then clear them."""
+        histograms = self.storage.histograms
+        if not histograms:
+            return
+        trainer = self.pl_trainer
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    for params in histograms:
+                        logger.experiment.add_histogram_raw(**params)
+        self.storage.clear_histograms()
 
 
 def _as_floats(parts: dict[str, list[Any]]) -> dict[str, list[float]]:

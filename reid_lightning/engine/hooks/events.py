@@ -102,13 +102,17 @@ class HistoryBuffer:
 
 
 class EventStorage:
-    """Scalars (with history), images and the current iteration of a training run.
+    """Scalars (with history), images, histograms and the current iteration and epoch of a
+    training run.
 
     Used as a context manager so :func:`get_event_storage` finds it::
 
         with EventStorage(start_iter=0) as storage:
             storage.put_scalars(total_loss=1.0, lr=3.5e-4)
             storage.step()
+
+    During training the hook adapter keeps :attr:`iter` (the current step) and :attr:`epoch`
+    (the current epoch) up to date, as fast-reid's trainer does.
 
     Args:
         start_iter: iteration the first values are recorded at.
@@ -121,6 +125,8 @@ class EventStorage:
         self._iter = int(start_iter)
         self._prefix = ""
         self._vis_data: list[tuple[str, torch.Tensor, int]] = []
+        self._histograms: list[dict[str, Any]] = []
+        self.epoch = 0
 
     # ------------------------------------------------------------------ scalars
     def put_scalar(self, name: str, value: Any, smoothing_hint: bool = True) -> None:
@@ -189,6 +195,50 @@ class EventStorage:
     def clear_images(self) -> None:
         """Drop the recorded images (writers call it once they have written them)."""
         self._vis_data = []
+
+    # ------------------------------------------------------------------ histograms
+    def put_histogram(self, hist_name: str, hist_tensor: torch.Tensor, bins: int = 1000) -> None:
+        """Record a histogram of ``hist_tensor``'s values at the current iteration (detectron2's API).
+
+        The hook adapter writes the histograms to TensorBoard loggers (``add_histogram_raw``) with
+        the scalars and then clears them. This reads the tensor's range on the host: call it from a
+        hook, not on every step of a hot loop.
+
+        Args:
+            hist_name: histogram name; prefixed by the active :meth:`name_scope`.
+            hist_tensor: any tensor; its values are histogrammed as float32.
+            bins: number of equal-width bins between the minimum and the maximum.
+        """
+        values = hist_tensor.detach().float().flatten()
+        if values.numel() == 0:
+            raise ValueError(f"put_histogram({hist_name!r}) got an empty tensor")
+        low, high = values.min().item(), values.max().item()
+        counts = torch.histc(values, bins=bins)
+        edges = torch.linspace(low, high, steps=bins + 1, dtype=torch.float32)
+        self._histograms.append(
+            {
+                "tag": self._prefix + hist_name,
+                "min": low,
+                "max": high,
+                "num": values.numel(),
+                "sum": float(values.sum()),
+                "sum_squares": float(values.square().sum()),
+                "bucket_limits": edges[1:].tolist(),
+                "bucket_counts": counts.tolist(),
+                "global_step": self._iter,
+            }
+        )
+
+    @property
+    def histograms(self) -> list[dict[str, Any]]:
+        """Histograms put since the last :meth:`clear_histograms`, as the keyword arguments of
+        ``SummaryWriter.add_histogram_raw`` (``tag``, ``min``, ``max``, ``num``, ``sum``,
+        ``sum_squares``, ``bucket_limits``, ``bucket_counts``, ``global_step``)."""
+        return list(self._histograms)
+
+    def clear_histograms(self) -> None:
+        """Drop the recorded histograms (the adapter calls it once it has written them)."""
+        self._histograms = []
 
     # ------------------------------------------------------------------ iteration
     @property

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -64,8 +65,16 @@ class PreciseBN(HookBase):
     It runs in ``after_step`` so that the validation and checkpoints that follow the step see the
     new statistics; ``after_train`` runs it when training stopped before ``max_iter`` (early
     stopping, time limit), but not after an exception. The training model (``trainer.model``)
-    runs on the training loader, restarted as often as needed, under ``torch.no_grad`` on the
-    LightningModule's device; only its BatchNorm layers in training mode are updated.
+    runs under ``torch.no_grad`` on the LightningModule's device; only its BatchNorm layers in
+    training mode are updated.
+
+    As fast-reid, it reads its own training loader, built afresh for each update, not the
+    batches the current epoch trained on: ``build_train_loader(rank, world_size, epoch=epoch,
+    stream=1)`` of the datamodule (or LightningModule) when it has one (``ReIDDataModule``: the
+    same data and sampler with their own batches and augmentation), else a new
+    ``train_dataloader()`` of it; only when neither exists, the trainer's training loader. A
+    loader that runs out starts its next epoch (``sampler.set_epoch``) until ``num_iter``
+    batches are used.
 
     Args:
         num_iter: batches to average over.
@@ -117,11 +126,24 @@ class PreciseBN(HookBase):
                 "pass get_images (a key or a callable)"
             ) from err
 
-    def _inputs(self) -> Iterator[torch.Tensor]:
-        loader = self.trainer.data_loader
+    def _fresh_loader(self) -> Iterable[Any]:
+        view = self.trainer
+        pl_trainer = view.pl_trainer
+        source = pl_trainer.datamodule if pl_trainer.datamodule is not None else view.pl_module
+        build = getattr(source, "build_train_loader", None)
+        if callable(build):
+            return build(pl_trainer.global_rank, pl_trainer.world_size, epoch=view.epoch, stream=1)
+        if is_overridden("train_dataloader", source):
+            return source.train_dataloader()
+        loader = view.data_loader
         if loader is None:
-            raise RuntimeError("PreciseBN needs the training dataloader, and the trainer has none")
+            raise RuntimeError("PreciseBN needs a training dataloader, and the trainer has none")
+        return loader
+
+    def _inputs(self) -> Iterator[torch.Tensor]:
+        loader = self._fresh_loader()
         device = self.trainer.pl_module.device
+        epoch = self.trainer.epoch
         while True:
             empty = True
             for batch in loader:
@@ -129,6 +151,10 @@ class PreciseBN(HookBase):
                 yield self._images(batch).to(device, non_blocking=True)
             if empty:
                 return
+            epoch += 1
+            set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(epoch)
 
     def update_stats(self) -> None:
         """Recompute the statistics now."""
