@@ -29,7 +29,8 @@ _OPTIMIZER_KEYS = (
     "bias_lr_factor", "momentum", "nesterov",
 )
 _SCHEDULE_KEYS = ("warmup_iters", "warmup_factor", "milestones", "gamma", "milestones_after_warmup")
-_METRIC_KEYS = ("metric", "max_rank", "rerank", "rerank_k1", "rerank_k2", "rerank_lambda", "aqe", "aqe_alpha", "aqe_k", "tpr_fprs")
+_METRIC_KEYS = ("metric", "max_rank", "rerank", "rerank_k1", "rerank_k2", "rerank_lambda", "aqe", "aqe_alpha", "aqe_k", "tpr_fprs",
+                "max_chunk_mb")
 
 
 class ReIDModule(pl.LightningModule):
