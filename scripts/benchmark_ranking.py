@@ -18,7 +18,9 @@ Modes: ``dense`` times ``compute_distance`` (the whole matrix) and ``evaluate_ra
 query chunk within ``--max-chunk-mb``). Each phase runs ``--repeat`` times; the first
 run also measures its peak memory above what was allocated before it (CPU: resident set
 high-water mark; CUDA: ``torch.cuda.max_memory_allocated``), i.e. beyond the features.
-``--check-dense`` also runs the dense path and asserts equal CMC / mAP / mINP.
+``--check-dense`` also runs the dense path and asserts equal CMC / mAP / mINP. ``cpu s``
+is the process CPU time of the best run (all threads): on a machine shared with other
+work, ``cpu s / threads`` approximates the wall time the phase would take alone.
 """
 
 from __future__ import annotations
@@ -97,15 +99,15 @@ class PeakMemory:
         self.mib = max(0, peak - self.start) / 2**20
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
-    """Wall time of ``fn()`` with the device synchronised before and after."""
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float, object]:
+    """Wall time and process CPU time (all threads) of ``fn()``, the device synchronised before and after."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start, result
+    return time.perf_counter() - start, time.process_time() - cpu_start, result
 
 
 CASES = {
@@ -124,15 +126,17 @@ def summary(result: dict) -> str:
 
 
 def run_phase(name: str, fn: Callable[[], object], device: torch.device, repeat: int, rows: list) -> object:
-    """Run ``fn`` ``repeat`` times; the first run's peak memory and every run's time go to ``rows``."""
-    times = []
+    """Run ``fn`` ``repeat`` times; the first run's peak memory and every run's times go to ``rows``."""
+    times, cpu_times = [], []
     with PeakMemory(device) as mem:
-        seconds, result = timed(fn, device)
+        seconds, cpu_seconds, result = timed(fn, device)
     times.append(seconds)
+    cpu_times.append(cpu_seconds)
     for _ in range(repeat - 1):
-        seconds, result = timed(fn, device)
+        seconds, cpu_seconds, result = timed(fn, device)
         times.append(seconds)
-    rows.append((name, min(times), statistics.mean(times), mem.mib))
+        cpu_times.append(cpu_seconds)
+    rows.append((name, min(times), statistics.mean(times), min(cpu_times), mem.mib))
     return result
 
 
@@ -180,7 +184,7 @@ def main() -> None:
             "ranking", lambda: evaluate_rank(distmat, *ids, chunk_size=args.chunk_size), device, args.repeat, rows
         )
         del distmat
-        rows.append(("dense total", rows[-2][1] + rows[-1][1], rows[-2][2] + rows[-1][2], None))
+        rows.append(("dense total", *(a + b for a, b in zip(rows[-2][1:4], rows[-1][1:4])), None))
     for mode, result in results.items():
         print(f"{mode:<8} {summary(result)}")
     if args.check_dense and "chunked" in results:
@@ -189,10 +193,10 @@ def main() -> None:
         assert abs(dense["mAP"] - chunk["mAP"]) < 1e-12 and abs(dense["mINP"] - chunk["mINP"]) < 1e-12
         assert (dense["cmc"] == chunk["cmc"]).all()
         print("chunked == dense: same valid queries and CMC, mAP/mINP within 1e-12")
-    print(f"{'phase':<22}{'best s':>10}{'mean s':>10}{'peak MiB':>10}")
-    for phase, best, mean, memory in rows:
+    print(f"{'phase':<22}{'best s':>10}{'mean s':>10}{'cpu s':>10}{'peak MiB':>10}")
+    for phase, best, mean, cpu, memory in rows:
         peak = "" if memory is None else f"{memory:,.0f}"
-        print(f"{phase:<22}{best:>10.3f}{mean:>10.3f}{peak:>10}")
+        print(f"{phase:<22}{best:>10.3f}{mean:>10.3f}{cpu:>10.1f}{peak:>10}")
 
 
 if __name__ == "__main__":
