@@ -192,3 +192,15 @@ def test_available_bytes_reads_meminfo_and_the_cgroup_limit(monkeypatch, tmp_pat
     monkeypatch.setattr(memory, "MEMINFO", tmp_path / "missing")
     assert memory.available_bytes("cpu") is None
     memory.ensure_fits(10**18, "cpu", "anything")  # unknown: no refusal
+
+
+def test_kept_outputs_hold_a_distance_matrix_only_from_the_dense_path():
+    split = structured_split(6, 30, 120, 10)
+    chunked, dense = ReIDMetric(keep_outputs=True), ReIDMetric(keep_outputs=True, tpr_fprs=(0.1,))
+    for metric in (chunked, dense):
+        feed_split(metric, split)
+        metric.compute()
+    assert "dist" not in chunked.last_outputs
+    torch.testing.assert_close(dense.last_outputs["dist"], compute_distance(split[0], split[1]))
+    for key in ("q_feat", "g_feat", "q_index", "g_index", "cmc"):
+        assert np.array_equal(np.asarray(chunked.last_outputs[key]), np.asarray(dense.last_outputs[key])), key

@@ -146,3 +146,22 @@ def test_slurm_launcher_preset_composes_with_the_trainer() -> None:
     assert launcher.partition == "gpu" and launcher.timeout_min > 0 and launcher.mem_gb > 0
     assert (cfg.trainer.num_nodes, cfg.trainer.devices, cfg.trainer.strategy) == (2, 4, "ddp")
     assert (REPO_ROOT / "conf" / "hydra" / "launcher" / "slurm.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_sweep_through_submitits_local_executor(demo_root: Path, tmp_path: Path) -> None:
+    """The submitit launcher runs scripts/train.py's job in a pickled worker process (here the
+    local executor: SLURM itself is not available offline) and the sweep dir gets metrics + summary."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep_dir = tmp_path / "sweep"
+    run_script("train.py", [
+        "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=15",
+        "hydra.launcher.nodes=${trainer.num_nodes}", "hydra.launcher.tasks_per_node=${trainer.devices}",
+        "experiment=quickstart", "model=bot_r18", "model.pretrained=none", "data.height=64", "data.width=32",
+        "data.num_workers=0", "++data.batches_per_epoch=2", "solver.max_epochs=1", "solver.eval_period=1",
+        "trainer=cpu", "callbacks=none", "hooks=none", "logger=csv", f"paths.data_dir={demo_root}",
+        f"hydra.sweep.dir={sweep_dir}", "seed=1",
+    ], cwd=tmp_path)
+    metrics = json.loads((sweep_dir / "0" / "metrics.json").read_text())
+    assert set(metrics) == {"Rank-1", "Rank-5", "Rank-10", "mAP", "mINP"}
+    assert list(sweep_dir.glob(".submitit/*/*_0_log.out")) and (sweep_dir / "summary.md").is_file()
