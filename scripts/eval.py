@@ -4,8 +4,13 @@ a fast-reid checkpoint: ``python scripts/eval.py ckpt_path=model_final.pth model
 Writes metrics.json (and, when asked, features.npz, cmc.png, rank_lists/*.png) into the
 run's output dir and returns the mAP (percent).
 """
+import os
+import sys
+
 import hydra
 from omegaconf import DictConfig
+
+from reid_lightning.engine.ddp_launch import external_rank_overrides
 
 from reid_lightning.engine.evaluate import evaluate
 
@@ -16,4 +21,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv += external_rank_overrides(sys.argv[1:], os.environ)  # torchrun/srun: rank > 0 writes nothing
     main()

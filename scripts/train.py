@@ -5,11 +5,18 @@ Examples::
     python scripts/train.py experiment=quickstart          # CPU-sized run on the demo data
     python scripts/train.py model=bot_r50 data=market1501  # BoT on Market-1501 under $REID_DATA
     python scripts/train.py -m solver.base_lr=1e-4,3.5e-4 seed=1,2
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 4 --master_addr HOST --master_port 29500 \
+        scripts/train.py trainer=ddp trainer.devices=4 trainer.num_nodes=2   # and node_rank 1 on HOST 2
 
 Returns the test mAP (percent) to Hydra sweepers.
 """
+import os
+import sys
+
 import hydra
 from omegaconf import DictConfig
+
+from reid_lightning.engine.ddp_launch import external_rank_overrides
 
 from reid_lightning.engine.runner import train
 
@@ -21,4 +28,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv += external_rank_overrides(sys.argv[1:], os.environ)  # torchrun/srun: rank > 0 writes nothing
     main()

@@ -1,4 +1,5 @@
-"""DDP child processes that belong to one Hydra job, so that ``-m`` sweeps work with ``strategy=ddp``.
+"""Hydra and DDP processes: children of one Hydra job (``-m`` sweeps with ``strategy=ddp``), and
+processes that an external launcher (torchrun, srun) started.
 
 Lightning's ``ddp`` strategy starts ranks > 0 by re-running the script with ``sys.argv``
 (plus ``hydra.run.dir`` of the current run). Under ``-m`` that hands every child ``-m``
@@ -19,6 +20,14 @@ This module is the package's only user of Lightning's private API: the module-le
 ``_SubprocessScriptLauncher`` calls to build a child's command, and the launcher's ``procs``
 list. :func:`check_lightning_api` verifies both and names what moved when a Lightning upgrade
 moves them.
+
+Under torchrun or srun every rank (on every node) runs the script itself and Hydra would
+make one run dir per process, each named by its own start time. The entry points
+therefore call :func:`external_rank_overrides` before Hydra starts: processes of global
+rank > 0 write nothing (no ``.hydra/``, no log file, their run dir is the working dir
+unless ``hydra.run.dir`` is given); rank 0 of node 0 alone writes the run dir, as with
+Lightning's own launcher. Lightning then picks the ranks up from the environment
+(``TorchElasticEnvironment``, ``SLURMEnvironment``) and starts no processes itself.
 """
 from __future__ import annotations
 
@@ -28,7 +37,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import pytorch_lightning as pl
@@ -86,6 +95,64 @@ def check_lightning_api() -> None:
     if "procs" not in launcher.__init__.__code__.co_names:
         raise LightningAPIChanged(f"{LAUNCHER_CLASS} of {where} keeps no `procs` list of its children: "
                                   f"{__name__}.release_children cannot end a job's children")
+
+# overrides of a rank > 0 started by an external launcher: it writes no Hydra output
+QUIET_RANK_OVERRIDES = ("hydra.output_subdir=null", "hydra/job_logging=stdout")
+RUN_DIR_KEYS = ("hydra.run.dir=", "+hydra.run.dir=", "++hydra.run.dir=")
+
+
+def launcher_rank(environ: Mapping[str, str]) -> int | None:
+    """Global rank assigned by an external launcher, or None when none started this process.
+
+    torchrun sets ``RANK`` with ``TORCHELASTIC_RUN_ID``; ``srun`` with several tasks sets
+    ``SLURM_PROCID``. (Lightning's own launcher sets neither for its children.)
+
+    Args:
+        environ: the process environment (``os.environ``).
+    """
+    if "TORCHELASTIC_RUN_ID" in environ and "RANK" in environ:
+        return int(environ["RANK"])
+    if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+        return int(environ["SLURM_PROCID"])
+    return None
+
+
+def external_rank_overrides(argv: list[str], environ: Mapping[str, str]) -> list[str]:
+    """Hydra overrides to append to ``sys.argv`` of a process that torchrun or srun started.
+
+    Called by the entry points before Hydra parses the command line::
+
+        sys.argv += external_rank_overrides(sys.argv[1:], os.environ)
+
+    Global rank 0 (and any process no external launcher started) gets none. A rank > 0
+    gets ``hydra.output_subdir=null`` and ``hydra/job_logging=stdout``, and
+    ``hydra.run.dir=.`` unless the command line sets ``hydra.run.dir`` (give the same dir
+    on every node to let every rank read it, e.g. for ``resume=true``): its own run dir
+    would be named by its own start time, and only rank 0 writes metrics, checkpoints
+    and logs.
+
+    Args:
+        argv: the command-line arguments (without the script).
+        environ: the process environment.
+
+    Raises:
+        ValueError: ``-m``/``--multirun`` under torchrun/srun (every process would run the
+            whole sweep): sweep with ``hydra/launcher=slurm`` or one launcher call per job.
+    """
+    rank = launcher_rank(environ)
+    if rank is None:
+        return []
+    if any(arg in ("-m", "--multirun") for arg in argv):
+        raise ValueError(
+            "-m/--multirun under torchrun or srun would run the whole sweep in every process; start "
+            "one torchrun per job, or sweep through SLURM with `-m hydra/launcher=slurm` (extra .[slurm])."
+        )
+    if rank == 0:
+        return []
+    overrides = list(QUIET_RANK_OVERRIDES)
+    if not any(arg.startswith(RUN_DIR_KEYS) for arg in argv):
+        overrides.append("hydra.run.dir=.")
+    return overrides
 
 
 def config_flags(argv: list[str]) -> list[str]:

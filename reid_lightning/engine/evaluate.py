@@ -25,7 +25,7 @@ from reid_lightning.engine.ddp_launch import hydra_job_ddp
 from reid_lightning.engine.module import ReIDModule
 from reid_lightning.engine.runner import build_datamodule, build_trainer, to_report, write_metrics
 from reid_lightning.engine.saved_model import rebuild_model
-from reid_lightning.evaluation import save_cmc_curve, save_rank_lists
+from reid_lightning.evaluation import compute_distance, save_cmc_curve, save_rank_lists
 
 
 def export_features(outputs: dict[str, Any], paths: list[str], out_path: Path) -> Path:
@@ -87,8 +87,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         ranks = cfg.rank_lists
         if ranks.num_queries or not isinstance(ranks.order, str):
             order = ranks.order if isinstance(ranks.order, str) else list(ranks.order)
+            # the chunked ranking keeps no distance matrix: rank lists compute it here
+            distmat = outputs.get("dist")
+            if distmat is None:
+                distmat = compute_distance(outputs["q_feat"], outputs["g_feat"], cfg.evaluation.metric)
             save_rank_lists(
-                outputs["dist"], outputs["q_pids"], outputs["g_pids"], outputs["q_camids"], outputs["g_camids"],
+                distmat, outputs["q_pids"], outputs["g_pids"], outputs["q_camids"], outputs["g_camids"],
                 q_paths, g_paths, output_dir / "rank_lists", num_queries=ranks.num_queries, order=order,
                 top_k=ranks.top_k, size=tuple(datamodule.size),
             )

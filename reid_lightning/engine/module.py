@@ -32,7 +32,8 @@ _OPTIMIZER_KEYS = (
 _SCHEDULE_KEYS = ("warmup_iters", "warmup_factor", "milestones", "gamma", "milestones_from")
 # evaluation.precision: "32" extracts features with autocast off; "autocast" keeps the trainer's
 _EVAL_PRECISIONS = ("32", "autocast")
-_METRIC_KEYS = ("metric", "max_rank", "rerank", "rerank_k1", "rerank_k2", "rerank_lambda", "aqe", "aqe_alpha", "aqe_k", "tpr_fprs")
+_METRIC_KEYS = ("metric", "max_rank", "rerank", "rerank_k1", "rerank_k2", "rerank_lambda", "aqe", "aqe_alpha", "aqe_k", "tpr_fprs",
+                "max_chunk_mb")
 
 
 class ReIDModule(pl.LightningModule):
