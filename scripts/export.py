@@ -6,7 +6,7 @@ exported file against PyTorch (see conf/export.yaml).
 import hydra
 from omegaconf import DictConfig
 
-from reid_lightning.inference.commands import run_export
+from reid_lightning.cli.inference import run_export
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")

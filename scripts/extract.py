@@ -5,7 +5,7 @@ See conf/extract.yaml for the options (dtype, skip_bad, flip, device, ...).
 import hydra
 from omegaconf import DictConfig
 
-from reid_lightning.inference.commands import run_extract
+from reid_lightning.cli.inference import run_extract
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="extract")

@@ -5,7 +5,7 @@ Writes results.json and one rank-list PNG per query into the run's output dir (s
 import hydra
 from omegaconf import DictConfig
 
-from reid_lightning.inference.commands import run_search
+from reid_lightning.cli.inference import run_search
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="search")

@@ -16,9 +16,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from reid_lightning.engine.ddp_launch import external_rank_overrides
+from reid_lightning.launch.hydra_ddp import external_rank_overrides
 
-from reid_lightning.engine.runner import train
+from reid_lightning.cli.train import train
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

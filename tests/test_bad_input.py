@@ -20,10 +20,10 @@ from omegaconf import DictConfig, open_dict
 from PIL import Image
 
 from conftest import CONF_DIR, compose_train, run_script
-from reid_lightning.engine.checkpoint import load_model_weights
-from reid_lightning.engine.evaluate import evaluate
+from reid_lightning.checkpointing.load import load_model_weights
+from reid_lightning.cli.evaluate import evaluate
 from reid_lightning.engine.module import ReIDModule
-from reid_lightning.engine.runner import train
+from reid_lightning.cli.train import train
 
 SPLITS = ("bounding_box_train", "query", "bounding_box_test")
 CLASSIFIER = "model.head.classifier.weight"
@@ -80,7 +80,7 @@ def compose_eval(overrides: list[str], output_dir: Path) -> DictConfig:
 
 
 def train_tiny(data_root: Path, run_dir: Path, extra: list[str] = (), data: str = "folder") -> dict[str, float]:
-    """``runner.train`` on the ``data`` set at ``data_root`` with the TINY settings and ``extra`` overrides."""
+    """``reid_lightning.cli.train.train`` on the ``data`` set at ``data_root`` with the TINY settings and ``extra`` overrides."""
     return train(compose_train([f"data={data}", *TINY, f"paths.data_dir={data_root}", *extra], output_dir=run_dir))
 
 
@@ -107,7 +107,7 @@ class WritesMarker:
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    """A real ``last.ckpt`` of ``scripts/train.py``'s runner: ResNet-18, 2 training identities."""
+    """A real ``last.ckpt`` of ``scripts/train.py``: ResNet-18, 2 training identities."""
     base = tmp_path_factory.mktemp("tiny_ckpt")
     run_dir = base / "run"
     train_tiny(write_folder_dataset(base / "data"), run_dir, WITH_CHECKPOINTS + ["run_test=false"])
@@ -198,7 +198,7 @@ def test_eval_of_another_architecture_fails_unless_loaded_non_strictly(
                                            r"model\.backbone\.layer1\.2\.conv1\.weight"):
         evaluate(compose_eval(args, tmp_path / "strict"))
 
-    with caplog.at_level(logging.WARNING, logger="reid_lightning.engine.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="reid_lightning.checkpointing.load"):
         metrics = evaluate(compose_eval([*args, "strict_load=false"], tmp_path / "loose"))
     assert set(metrics) == {"Rank-1", "Rank-5", "Rank-10", "mAP", "mINP"}
     assert f"non-strict loading of {other}" in caplog.text and "layer1.2.conv1.weight" in caplog.text
@@ -210,7 +210,7 @@ def test_init_from_another_number_of_identities(tiny_ckpt: Path, tmp_path: Path,
         train_tiny(root, tmp_path / "strict", ["callbacks=none", f"init_from={tiny_ckpt}"])
 
     snapshot = tmp_path / "start.pt"
-    with caplog.at_level(logging.WARNING, logger="reid_lightning.engine.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="reid_lightning.checkpointing.load"):
         metrics = train_tiny(root, tmp_path / "loose", [
             "callbacks=none", f"init_from={tiny_ckpt}", "init_strict=false",
             "+callbacks.snapshot._target_=test_bad_input.SnapshotWeights", f"+callbacks.snapshot.path={snapshot}",

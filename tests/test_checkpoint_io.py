@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, compose_train
-from reid_lightning.engine.checkpoint_io import AtomicCheckpointIO
-from reid_lightning.engine.runner import build_trainer
+from reid_lightning.checkpointing.atomic_io import AtomicCheckpointIO
+from reid_lightning.cli.train import build_trainer
 
 
 def checkpoint(value: float) -> dict:
@@ -60,7 +60,7 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint(tmp_path: Path, 
 
 SAVE_FOREVER = """
 import sys, torch
-from reid_lightning.engine.checkpoint_io import AtomicCheckpointIO
+from reid_lightning.checkpointing.atomic_io import AtomicCheckpointIO
 io, step = AtomicCheckpointIO(), 0
 big = {f"w{i}": torch.randn(1024, 1024) for i in range(8)}  # 32 MB: most of the time goes to writing
 while True:

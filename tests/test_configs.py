@@ -75,7 +75,7 @@ def test_missing_required_value_names_the_key(tmp_path):
 
 
 def test_quickstart_builds_datamodule_model_and_trainer(tmp_path):
-    from reid_lightning.engine.runner import build_model, build_trainer, instantiate_group
+    from reid_lightning.cli.train import build_model, build_trainer, instantiate_group
 
     cfg = compose_train(
         ["experiment=quickstart", f"paths.data_dir={tmp_path / 'data'}", "data.num_workers=0", "hooks=none"],

@@ -22,7 +22,7 @@ from omegaconf import open_dict
 from pytorch_lightning.strategies.launchers import subprocess_script
 
 from conftest import CONF_DIR, compose_train, explain, run_script
-from reid_lightning.engine.ddp_launch import (
+from reid_lightning.launch.hydra_ddp import (
     DDP_ENV_VARS, LightningAPIChanged, check_lightning_api, child_command, config_flags, hydra_job_ddp,
 )
 from test_sweeps import TINY, table_rows

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import SHARED, compose_train, run_script
 from reid_lightning.data.transforms import build_test_transforms
-from reid_lightning.engine.checkpoint import load_model_checkpoint, load_model_weights
+from reid_lightning.checkpointing.load import load_model_checkpoint, load_model_weights
 from reid_lightning.engine.module import ReIDModule
 from reid_lightning.modeling import build_bot, is_fastreid_checkpoint
 
@@ -164,7 +164,7 @@ def test_fastreid_reference_features_are_reproduced(tmp_path):
 def test_eval_without_model_says_to_pass_it(tmp_path):
     from test_bad_input import compose_eval
 
-    from reid_lightning.engine.evaluate import evaluate
+    from reid_lightning.cli.evaluate import evaluate
 
     cfg = compose_eval([f"ckpt_path={REFERENCE / 'model_final.pth'}", "data=folder"], tmp_path)
     with pytest.raises(ValueError, match=r"holds no saved config \(a fast-reid checkpoint\?\): pass model=\.\.\."):

@@ -18,8 +18,8 @@ from pytorch_lightning.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 
 from conftest import compose_train, run_script
 from reid_lightning.engine.hparams import flatten_config, log_hyperparameters
-from reid_lightning.engine.resume import ResumePlan
-from reid_lightning.engine.runner import instantiate_group
+from reid_lightning.checkpointing.resume import ResumePlan
+from reid_lightning.cli.train import instantiate_group
 
 OPTIONAL = [name for name in ("mlflow", "wandb") if importlib.util.find_spec(name) is not None]
 LOGGER_CLASSES = {"csv": CSVLogger, "tensorboard": TensorBoardLogger, "mlflow": MLFlowLogger, "wandb": WandbLogger}

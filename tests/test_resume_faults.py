@@ -32,8 +32,8 @@ from conftest import compose_train, run_script, script_command
 from reid_lightning.data import ImageDataset, SeededSampler, build_train_transforms
 from reid_lightning.data.datasets.demo import prepare_demo
 from reid_lightning.data.samples import Sample
-from reid_lightning.engine.resume import ResumePlan, collect_rng_states, set_rng_states
-from reid_lightning.engine.runner import train
+from reid_lightning.checkpointing.resume import ResumePlan, collect_rng_states, set_rng_states
+from reid_lightning.cli.train import train
 from reid_lightning.modeling import build_bot
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -188,7 +188,7 @@ def test_resume_plan_reads_the_checkpoint_and_warns_about_changed_settings(tmp_p
     last.parent.mkdir()
     saved = compose_train(["solver.base_lr=0.01"], output_dir=tmp_path)
     torch.save({"global_step": 40, "state_dict": {}, "reid_config": OmegaConf.to_container(saved, resolve=True)}, last)
-    with caplog.at_level(logging.WARNING, logger="reid_lightning.engine.resume"):
+    with caplog.at_level(logging.WARNING, logger="reid_lightning.checkpointing.resume"):
         plan = ResumePlan.from_config(cfg)
     assert plan == ResumePlan(str(last), 40)
     assert "solver.base_lr: 0.01 -> 0.00035" in caplog.text and "model." not in caplog.text

@@ -13,7 +13,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, explain, run_script
-from reid_lightning.engine.sweep_summary import SweepSummary, collect_jobs, short_value, write_summary
+from reid_lightning.launch.sweep_summary import SweepSummary, collect_jobs, short_value, write_summary
 
 # a training job of a few seconds: 2 iterations of ResNet-18 on 32x16 demo images, no validation
 TINY = [
@@ -116,7 +116,7 @@ def compose_with_hydra(overrides: list[str]):
 
 def test_summary_callback_is_registered_in_the_hydra_config():
     cfg = compose_with_hydra([])
-    assert cfg.hydra.callbacks.sweep_summary._target_ == "reid_lightning.engine.sweep_summary.SweepSummary"
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "reid_lightning.launch.sweep_summary.SweepSummary"
 
 
 def test_bot_optuna_search_composes_with_the_optuna_sweeper():

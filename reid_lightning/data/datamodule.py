@@ -108,7 +108,7 @@ class ReIDDataModule(pl.LightningDataModule):
         super().__init__()
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown data.sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-        self.save_hyperparameters(logger=False)  # saved in checkpoints; the runner logs the whole config
+        self.save_hyperparameters(logger=False)  # saved in checkpoints; scripts/train.py logs the whole config
         self.dataset = dataset
         self.root = str(root)
         self.dataset_kwargs = dict(dataset_kwargs or {})

@@ -1,1 +1,1 @@
-"""Lightning wiring: the ReID LightningModule, optimizer + LR schedule, hooks and the runner."""
+"""Lightning wiring: the ReID LightningModule, optimizer + LR schedule, fast-reid hooks, logger hyper-parameters."""

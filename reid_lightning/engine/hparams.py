@@ -1,6 +1,6 @@
 """The run's hyper-parameters for Lightning's loggers: the resolved config, flattened.
 
-Called by :func:`reid_lightning.engine.runner.train` once the trainer is built::
+Called by :func:`reid_lightning.cli.train.train` once the trainer is built::
 
     log_hyperparameters(trainer.loggers, cfg)
 

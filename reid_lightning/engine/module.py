@@ -1,6 +1,6 @@
 """The LightningModule that trains and evaluates a ReID model (fast-reid's BoT by default).
 
-Built by ``reid_lightning.engine.runner`` from the Hydra config::
+Built by ``reid_lightning.cli.train`` from the Hydra config::
 
     model = build_bot(num_classes=datamodule.num_classes, depth=50, pretrained="imagenet")
     module = ReIDModule(model, solver=dict(cfg.solver), evaluation=dict(cfg.evaluation), cfg=cfg)

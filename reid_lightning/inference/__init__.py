@@ -2,7 +2,7 @@
 
 ``from reid_lightning import FeatureExtractor`` (or from this package) gives the extractor;
 ``scripts/extract.py``, ``scripts/export.py`` and ``scripts/search.py`` run the functions of
-:mod:`reid_lightning.inference.commands`.
+:mod:`reid_lightning.cli.inference`.
 """
 from .export import ONNX_OPSET, ExportCheckError, export_model, verify_export, write_model_info
 from .extractor import FeatureExtractor, FolderFeatures, InferenceModel

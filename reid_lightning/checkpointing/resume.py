@@ -1,6 +1,6 @@
 """Resuming a run, and the run state that Lightning's checkpoint leaves out.
 
-Called by :func:`reid_lightning.engine.runner.train`::
+Called by :func:`reid_lightning.cli.train.train`::
 
     plan = ResumePlan.from_config(cfg)        # which checkpoint, and whether the run goes on in place
     callbacks = [..., RNGStates()]
@@ -50,7 +50,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from reid_lightning.engine.checkpoint import load_checkpoint
+from reid_lightning.checkpointing.load import load_checkpoint
 from reid_lightning.engine.hparams import flatten_config
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class ResumePlan:
             FileNotFoundError: the checkpoint to resume from does not exist (the message names it).
             ValueError: ``resume=true`` without ``ckpt_path`` and no ModelCheckpoint writing
                 ``last.ckpt``; or the checkpoint is unreadable or not from ``scripts/train.py``
-                (see :func:`~reid_lightning.engine.checkpoint.load_checkpoint`).
+                (see :func:`~reid_lightning.checkpointing.load.load_checkpoint`).
         """
         ckpt_path = cfg.get("ckpt_path")
         in_place = bool(cfg.get("resume", False))

@@ -6,7 +6,7 @@ Lightning's ``ddp`` strategy starts ranks > 0 by re-running the script with ``sy
 and the whole sweep, and after the first job the launcher's environment
 (``LOCAL_RANK``, ``MASTER_PORT``, ...) and process group stay behind, so the next job
 starts no children at all (Lightning issue 11300). :func:`hydra_job_ddp` fixes both for
-the span of one job; ``runner.train`` calls it as::
+the span of one job; ``reid_lightning.cli.train.train`` calls it as::
 
     with hydra_job_ddp(trainer):
         trainer.fit(module, datamodule=datamodule)

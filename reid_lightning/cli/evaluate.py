@@ -20,11 +20,11 @@ import numpy as np
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from reid_lightning.engine.checkpoint import load_model_checkpoint
-from reid_lightning.engine.ddp_launch import hydra_job_ddp
+from reid_lightning.checkpointing.load import load_model_checkpoint
+from reid_lightning.launch.hydra_ddp import hydra_job_ddp
 from reid_lightning.engine.module import ReIDModule
-from reid_lightning.engine.runner import build_datamodule, build_trainer, to_report, write_metrics
-from reid_lightning.engine.saved_model import rebuild_model
+from reid_lightning.cli.train import build_datamodule, build_trainer, to_report, write_metrics
+from reid_lightning.checkpointing.saved_model import rebuild_model
 from reid_lightning.evaluation import compute_distance, save_cmc_curve, save_rank_lists
 
 

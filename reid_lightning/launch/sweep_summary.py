@@ -4,7 +4,7 @@ Registered as a Hydra callback in ``conf/hydra/default.yaml``::
 
     callbacks:
       sweep_summary:
-        _target_: reid_lightning.engine.sweep_summary.SweepSummary
+        _target_: reid_lightning.launch.sweep_summary.SweepSummary
 
 Hydra calls it after every multirun job (so a sweep that stops at a failed job still
 leaves the summary so far) and at the end of the sweep, where the summary is also

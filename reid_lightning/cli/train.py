@@ -18,14 +18,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from reid_lightning.engine.checkpoint import load_model_checkpoint, load_model_weights
-from reid_lightning.engine.checkpoint_io import AtomicCheckpointIO
-from reid_lightning.engine.config_tree import print_config_tree
-from reid_lightning.engine.ddp_launch import hydra_job_ddp
+from reid_lightning.checkpointing.load import load_model_checkpoint, load_model_weights
+from reid_lightning.checkpointing.atomic_io import AtomicCheckpointIO
+from reid_lightning.cli.config_tree import print_config_tree
+from reid_lightning.launch.hydra_ddp import hydra_job_ddp
 from reid_lightning.engine.hparams import log_hyperparameters
 from reid_lightning.engine.hooks import build_hooks
 from reid_lightning.engine.module import ReIDModule
-from reid_lightning.engine.resume import ResumePlan, RNGStates
+from reid_lightning.checkpointing.resume import ResumePlan, RNGStates
 
 log = logging.getLogger(__name__)
 

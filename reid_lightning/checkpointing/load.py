@@ -1,6 +1,6 @@
 """Reading reid_lightning and fast-reid checkpoints safely (``torch.load(weights_only=True)``).
 
-Called by ``scripts/eval.py`` through :func:`reid_lightning.engine.evaluate.evaluate`, and by
+Called by ``scripts/eval.py`` through :func:`reid_lightning.cli.evaluate.evaluate`, and by
 ``scripts/train.py`` for ``init_from`` (fine-tuning) and resuming::
 
     ckpt = load_checkpoint("outputs/.../checkpoints/last.ckpt")        # ours only (resume)

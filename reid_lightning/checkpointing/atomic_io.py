@@ -1,6 +1,6 @@
 """``AtomicCheckpointIO``: checkpoint writes that a crash cannot leave half done.
 
-Installed by :func:`reid_lightning.engine.runner.build_trainer`::
+Installed by :func:`reid_lightning.cli.train.build_trainer`::
 
     trainer = pl.Trainer(..., plugins=[AtomicCheckpointIO()])
 

@@ -1,6 +1,6 @@
 """Rebuild a trained model from a checkpoint written by ``scripts/train.py``.
 
-Used by ``scripts/eval.py`` (through :func:`reid_lightning.engine.evaluate.evaluate`) and by
+Used by ``scripts/eval.py`` (through :func:`reid_lightning.cli.evaluate.evaluate`) and by
 :class:`reid_lightning.inference.FeatureExtractor`::
 
     ckpt = load_checkpoint("outputs/.../checkpoints/last.ckpt")
@@ -15,7 +15,7 @@ from typing import Any
 from hydra.utils import instantiate
 from torch import nn
 
-from reid_lightning.engine.checkpoint import load_model_weights, num_classes_of
+from reid_lightning.checkpointing.load import load_model_weights, num_classes_of
 from reid_lightning.modeling import RandomInitWarning
 
 
@@ -28,10 +28,10 @@ def rebuild_model(
     many classes as the checkpoint's classifier; it is returned in train mode, as built.
 
     Args:
-        ckpt: a checkpoint read by :func:`reid_lightning.engine.checkpoint.load_model_checkpoint`
+        ckpt: a checkpoint read by :func:`reid_lightning.checkpointing.load.load_model_checkpoint`
             (ours, or a fast-reid one mapped onto our key names).
         source: where the checkpoint comes from, for messages.
-        strict: see :func:`reid_lightning.engine.checkpoint.load_model_weights`.
+        strict: see :func:`reid_lightning.checkpointing.load.load_model_weights`.
         model_cfg: the ``model`` config to build instead of the saved one (needed for a fast-reid
             checkpoint, which holds none).
 

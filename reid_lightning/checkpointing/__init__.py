@@ -1,0 +1,1 @@
+"""Checkpoints: safe loading (weights_only), atomic writes, and the state that exact resume needs."""

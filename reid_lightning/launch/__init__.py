@@ -1,0 +1,1 @@
+"""Process launching: DDP children per Hydra multirun job, and the multirun summary callback."""
