@@ -134,8 +134,9 @@ class ReIDDataModule(pl.LightningDataModule):
         self.batches_per_epoch = batches_per_epoch
         defaults = {dataset: self.dataset_kwargs}
         single = [{"name": dataset, **self.dataset_kwargs}]
-        self.train_entries = parse_entries(train_sets or single, "data.train_sets", self.root, defaults)
-        self.test_entries = parse_entries(test_sets or train_sets or single, "data.test_sets", self.root, defaults)
+        self.train_entries = parse_entries(train_sets or single, "data.train_sets" if train_sets else "", self.root, defaults)
+        test_where = "data.test_sets" if test_sets else "data.train_sets" if train_sets else ""
+        self.test_entries = parse_entries(test_sets or train_sets or single, test_where, self.root, defaults)
         self.val_identities = val_identities
         self._splits: ReIDSplits | None = None
         self._val: ReIDSplits | None = None

@@ -54,7 +54,8 @@ def parse_entries(
 
     Args:
         items: the list from the config.
-        where: its config key, for messages (``"data.train_sets"``).
+        where: its config key, for messages (``"data.train_sets"``); empty: the entries
+            carry no key and their errors no prefix (the single ``data.dataset``).
         root: the data root of entries that name none (``data.root``).
         defaults: parser options of entries given by name alone, per name (the options of
             ``data.dataset``, so that the set of ``data=...`` keeps its ``dataset_kwargs``).
@@ -69,7 +70,7 @@ def parse_entries(
         raise ValueError(f"{where} must be a non-empty list of data set names or mappings, got {items!r}")
     entries = []
     for position, item in enumerate(items):
-        at = f"{where}[{position}]"
+        at = f"{where}[{position}]" if where else ""
         if isinstance(item, str):
             options = dict((defaults or {}).get(item, {}))
             entries.append(DatasetEntry(item, str(root), options, item, at))
@@ -98,12 +99,14 @@ def load_entry(entry: DatasetEntry) -> ReIDSplits:
         Its splits, named by the entry's label.
 
     Raises:
-        FileNotFoundError, ValueError: as the parser does, the message starting with the
-            entry's config key and label (``data.test_sets[1] (dukemtmc): ...``).
+        FileNotFoundError, ValueError, TypeError: as the parser does, the message starting
+            with the entry's config key and label (``data.test_sets[1] (dukemtmc): ...``).
     """
     try:
         splits = build_dataset(entry.name, entry.root, **entry.kwargs)
     except (FileNotFoundError, ValueError, TypeError) as error:
+        if not entry.where:
+            raise
         raise type(error)(f"{entry.where} ({entry.label}): {error}") from error
     splits.name = entry.label
     return splits
