@@ -117,7 +117,7 @@ def table_metrics(jobs: list[JobResult]) -> list[str]:
 
 def selection_score(metrics: dict[str, Any]) -> tuple[str, float] | None:
     """What a sweeper optimised (see ``runner.objective``), from flattened metrics: ``(label, value)``."""
-    for key, label in (("best/val_mAP", "best val mAP"), ("val/mAP", "val mAP"), ("mAP", "mAP")):
+    for key, label in (("best/val_mAP", "val mAP (best checkpoint)"), ("val/mAP", "val mAP"), ("mAP", "mAP")):
         if key in metrics:
             return label, metrics[key]
     return None
