@@ -23,7 +23,7 @@ from reid_lightning.data.samples import Sample
 from reid_lightning.engine.checkpoint import load_checkpoint, load_model_weights, num_classes_of
 from reid_lightning.engine.ddp_launch import hydra_job_ddp
 from reid_lightning.engine.module import ReIDModule
-from reid_lightning.engine.runner import build_datamodule, build_trainer, test_report, write_metrics
+from reid_lightning.engine.runner import build_datamodule, build_trainer, report_test_metrics, write_metrics
 from reid_lightning.evaluation import save_cmc_curve, save_rank_lists
 
 
@@ -66,7 +66,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, callbacks=[], loggers=[])
     with hydra_job_ddp(trainer):  # DDP children of this job only (multirun sweeps)
         trainer.test(module, datamodule=datamodule, verbose=False)
-    metrics = test_report(module)
+    metrics = report_test_metrics(module)
     if not trainer.is_global_zero:
         return metrics
     write_metrics(metrics, output_dir)

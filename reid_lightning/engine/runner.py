@@ -80,7 +80,7 @@ def to_report(metrics: dict[str, float]) -> dict[str, float]:
     return {METRIC_NAMES.get(k, k): round(float(v), 4) for k, v in metrics.items()}
 
 
-def test_report(module: ReIDModule) -> dict[str, Any]:
+def report_test_metrics(module: ReIDModule) -> dict[str, Any]:
     """metrics.json figures of the module's last test run: the first test set's at the top
     level and, when there are several test sets, a ``test_sets`` block holding each set's."""
     report: dict[str, Any] = to_report(module.last_test_metrics)
@@ -128,14 +128,14 @@ def selection_checkpoint(trainer: pl.Trainer) -> ModelCheckpoint | None:
     return None
 
 
-def test_best_checkpoint(
+def evaluate_best_checkpoint(
     trainer: pl.Trainer, module: ReIDModule, datamodule: pl.LightningDataModule, callback: ModelCheckpoint
 ) -> dict[str, Any]:
     """Load the best checkpoint of ``callback`` into ``module`` and test it.
 
     Returns:
         The ``best`` block of metrics.json: its ``epoch`` (0-based, as in its file name),
-        ``step``, ``val_mAP``, ``checkpoint`` path and its test figures (see :func:`test_report`).
+        ``step``, ``val_mAP``, ``checkpoint`` path and its test figures (see :func:`report_test_metrics`).
     """
     ckpt = load_checkpoint(callback.best_model_path)
     load_model_weights(module, ckpt["state_dict"], source=str(callback.best_model_path))
@@ -143,7 +143,7 @@ def test_best_checkpoint(
     return {
         "epoch": int(ckpt["epoch"]), "step": int(ckpt["global_step"]),
         "val_mAP": round(float(callback.best_model_score), 4), "checkpoint": str(callback.best_model_path),
-        **test_report(module),
+        **report_test_metrics(module),
     }
 
 
@@ -168,7 +168,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         The contents of metrics.json, in percent: the final model's test figures (keys of
         :data:`METRIC_NAMES`) of the first test set, ``test_sets`` (each test set's, when
         several), ``val`` (the final model's validation figures) and ``best`` (see
-        :func:`test_best_checkpoint`) when there is a validation split. Test figures are
+        :func:`evaluate_best_checkpoint`) when there is a validation split. Test figures are
         absent when ``cfg.run_test`` is false; the dict is then empty without a validation split.
     """
     output_dir = Path(cfg.paths.output_dir)
@@ -202,10 +202,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             metrics["val"] = to_report(module.last_val_metrics)
         if cfg.get("run_test", True):
             trainer.test(module, datamodule=datamodule, verbose=False)
-            metrics = {**test_report(module), **metrics}
+            metrics = {**report_test_metrics(module), **metrics}
             best = selection_checkpoint(trainer) if datamodule.val_split is not None else None
             if best is not None:
-                metrics["best"] = test_best_checkpoint(trainer, module, datamodule, best)
+                metrics["best"] = evaluate_best_checkpoint(trainer, module, datamodule, best)
     if metrics and trainer.is_global_zero:
         write_metrics(metrics, output_dir)
     return metrics
