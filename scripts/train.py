@@ -8,7 +8,8 @@ Examples::
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 4 --master_addr HOST --master_port 29500 \
         scripts/train.py trainer=ddp trainer.devices=4 trainer.num_nodes=2   # and node_rank 1 on HOST 2
 
-Returns the test mAP (percent) to Hydra sweepers.
+Returns the objective to Hydra sweepers (percent): the validation mAP of the best checkpoint
+(or of the final model) when ``data.val_identities`` holds identities out, else the test mAP.
 """
 import os
 import sys
@@ -16,15 +17,13 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from reid_lightning.cli.train import objective, train
 from reid_lightning.launch.hydra_ddp import external_rank_overrides
-
-from reid_lightning.cli.train import train
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
-    return metrics.get("mAP")
+    return objective(train(cfg))
 
 
 if __name__ == "__main__":

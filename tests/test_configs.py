@@ -50,6 +50,8 @@ def test_bot_defaults_match_the_recipe(tmp_path):
     assert (s.warmup_iters, s.warmup_factor, list(s.milestones), s.gamma, s.max_epochs) == (2000, 0.1, [40, 90], 0.1, 120)
     assert cfg.trainer.max_epochs == 120 and cfg.trainer.use_distributed_sampler is False
     assert cfg.evaluation.metric == "cosine" and not cfg.evaluation.rerank and not cfg.evaluation.flip
+    # fast-reid validates on the test split of its one data set
+    assert cfg.data.val_identities == 0 and cfg.data.train_sets is None and cfg.data.test_sets is None
 
 
 def test_data_dir_comes_from_env(monkeypatch, tmp_path):

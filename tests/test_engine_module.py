@@ -145,7 +145,7 @@ def _bf16_test_features(dm, tmp_path, evaluation):
     torch.manual_seed(0)
     module = ReIDModule(build_bot(num_classes=dm.num_classes, depth=18), evaluation=evaluation)
     seen, images = [], []
-    update = module.test_metric.update
+    update = module.test_metrics[0].update
 
     def spy(features, *rest):
         seen.append(features.detach().clone())
@@ -155,7 +155,7 @@ def _bf16_test_features(dm, tmp_path, evaluation):
         def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
             images.append(batch["images"].clone())
 
-    module.test_metric.update = spy
+    module.test_metrics[0].update = spy
     trainer = pl.Trainer(
         accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False,
         enable_model_summary=False, use_distributed_sampler=False, default_root_dir=tmp_path, callbacks=[KeepImages()],

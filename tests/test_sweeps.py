@@ -10,6 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, explain, run_script
@@ -133,6 +134,39 @@ def test_bot_optuna_search_composes_with_the_optuna_sweeper():
     for key in sweeper.params:
         assert OmegaConf.select(cfg, key) is not None, key
     assert cfg.solver.weight_decay_norm == cfg.solver.weight_decay == cfg.solver.weight_decay_bias
+    # the search selects on held-out training identities, not on the test split
+    assert 0 < cfg.data.val_identities < 1
+
+
+def test_bot_optuna_builds_a_validation_split(demo_root):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the optuna extra is not installed")
+    cfg = compose_with_hydra(["hparams_search=bot_optuna", "data.num_workers=0"])
+    data = OmegaConf.to_container(cfg.data, resolve=False)
+    data["seed"], data["root"] = 0, str(demo_root)
+    datamodule = instantiate(data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    held_out = {s.pid for s in datamodule.val_split.query}
+    assert len(held_out) == 6 and datamodule.num_classes == 54  # 10% of the demo's 60 training identities
+    assert datamodule.val_set_names == ["validation"]
+
+
+def test_summary_shows_each_test_set_and_the_validation_map(tmp_path):
+    per_set = {"test_sets": {"market1501": {"mAP": 30.0}, "dukemtmc": {"mAP": 20.0}}}
+    for num, (val, best) in enumerate([(50.0, 55.0), (60.0, 52.0)]):
+        make_job(tmp_path, str(num), [f"seed={num}"], {
+            "Rank-1": 40.0 + num, "mAP": 30.0 + num, "mINP": 5.0, **per_set, "val": {"mAP": val},
+            "best": {"epoch": 3, "val_mAP": best, "checkpoint": "c.ckpt", "mAP": 29.0, **per_set},
+        })
+    markdown = write_summary(tmp_path)
+    rows = table_rows(markdown)
+    assert rows[0] == ["job", "seed", "Rank-1", "mAP", "mINP", "market1501/mAP", "dukemtmc/mAP", "val/mAP", "status"]
+    assert rows[1] == ["0", "0", "40.00", "30.00", "5.00", "30.00", "20.00", "50.00", "ok"]
+    # the best job is the one the sweeper preferred: by the best checkpoint's validation mAP
+    assert "Best val mAP (best checkpoint): 55.00 (job 0)" in markdown
+    with open(tmp_path / "summary.csv") as handle:
+        row = next(csv.DictReader(handle))
+    assert (row["best/epoch"], row["best/dukemtmc/mAP"], row["best/checkpoint"]) == ("3", "20.0", "c.ckpt")
 
 
 @pytest.mark.slow
@@ -161,9 +195,11 @@ def test_optuna_search_runs_two_trials_and_summarises_them(demo_root, tmp_path):
         cwd=tmp_path, check=False, threads=2, timeout=400,
     )
     assert proc.returncode == 0, explain(proc)
-    maps = [json.loads((sweep_dir / str(n) / "metrics.json").read_text())["mAP"] for n in (0, 1)]
+    trials = [json.loads((sweep_dir / str(n) / "metrics.json").read_text()) for n in (0, 1)]
     results = OmegaConf.load(sweep_dir / "optimization_results.yaml")
-    assert results.best_value == pytest.approx(max(maps))
+    # each trial returned its validation mAP (held-out identities); the test figures are reported beside it
+    assert results.best_value == pytest.approx(max(trial["val"]["mAP"] for trial in trials))
+    assert all("mAP" in trial and "best" not in trial for trial in trials)  # callbacks=none: no best checkpoint
     assert set(results.best_params) == {"solver.base_lr", "solver.weight_decay", "model.triplet_margin", "model.ce_eps"}
     rows = table_rows((sweep_dir / "summary.md").read_text())
     assert [r[0] for r in rows[1:]] == ["0", "1"] and all(r[-1] == "ok" for r in rows[1:])

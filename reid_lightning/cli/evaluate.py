@@ -21,11 +21,12 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from reid_lightning.checkpointing.load import load_model_checkpoint
-from reid_lightning.launch.hydra_ddp import hydra_job_ddp
-from reid_lightning.engine.module import ReIDModule
-from reid_lightning.cli.train import build_datamodule, build_trainer, to_report, write_metrics
 from reid_lightning.checkpointing.saved_model import rebuild_model
+from reid_lightning.cli.train import build_datamodule, build_trainer, report_test_metrics, write_metrics
+from reid_lightning.data.samples import Sample
+from reid_lightning.engine.module import ReIDModule
 from reid_lightning.evaluation import compute_distance, save_cmc_curve, save_rank_lists
+from reid_lightning.launch.hydra_ddp import hydra_job_ddp
 
 
 def export_features(outputs: dict[str, Any], paths: list[str], out_path: Path) -> Path:
@@ -41,12 +42,14 @@ def export_features(outputs: dict[str, Any], paths: list[str], out_path: Path) -
     return out_path
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Evaluate ``cfg.ckpt_path`` on the test split; write metrics.json and optional extras.
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt_path`` on the test split of each test set; write metrics.json and
+    optional extras (with several test sets, into one sub-dir per set).
 
     Returns:
         The metrics in percent (``Rank-1``, ``Rank-5``, ``Rank-10``, ``mAP``, ``mINP``, and
-        ``TPR@FPR=...`` when ``evaluation.tpr_fprs`` is set).
+        ``TPR@FPR=...`` when ``evaluation.tpr_fprs`` is set) of the first test set, plus a
+        ``test_sets`` block with each set's when there are several.
     """
     output_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
@@ -60,40 +63,55 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             + " on the command line, e.g. model=bot_r50 data=market1501"
         )
     data_cfg = cfg.data if cfg.get("data") is not None else saved.data
-    datamodule = build_datamodule(data_cfg)
+    datamodule = build_datamodule(data_cfg, stage="test")
 
     model_cfg = cfg.model if cfg.get("model") is not None else saved.model
     model = rebuild_model(ckpt, source=str(cfg.ckpt_path), strict=cfg.get("strict_load", True), model_cfg=model_cfg)
     want_outputs = bool(cfg.export_features or cfg.rank_lists.num_queries or cfg.cmc_curve)
     evaluation = OmegaConf.to_container(cfg.evaluation, resolve=True)
-    module = ReIDModule(model, evaluation=evaluation, keep_eval_outputs=want_outputs)
+    module = ReIDModule(model, evaluation=evaluation, keep_eval_outputs=want_outputs, test_sets=datamodule.test_set_names)
 
     trainer = build_trainer(cfg, callbacks=[], loggers=[])
     with hydra_job_ddp(trainer):  # DDP children of this job only (multirun sweeps)
         trainer.test(module, datamodule=datamodule, verbose=False)
-    metrics = to_report(module.last_test_metrics)
+    metrics = report_test_metrics(module)
     if not trainer.is_global_zero:
         return metrics
     write_metrics(metrics, output_dir)
     if want_outputs:
-        outputs = module.last_eval_outputs
-        samples = datamodule.test_samples
-        q_paths = [samples[i].path for i in outputs["q_index"].tolist()]
-        g_paths = [samples[i].path for i in outputs["g_index"].tolist()]
-        if cfg.export_features:
-            export_features(outputs, q_paths + g_paths, output_dir / "features.npz")
-        if cfg.cmc_curve:
-            save_cmc_curve(outputs["cmc"], output_dir / "cmc.png")
-        ranks = cfg.rank_lists
-        if ranks.num_queries or not isinstance(ranks.order, str):
-            order = ranks.order if isinstance(ranks.order, str) else list(ranks.order)
-            # the chunked ranking keeps no distance matrix: rank lists compute it here
-            distmat = outputs.get("dist")
-            if distmat is None:
-                distmat = compute_distance(outputs["q_feat"], outputs["g_feat"], cfg.evaluation.metric)
-            save_rank_lists(
-                distmat, outputs["q_pids"], outputs["g_pids"], outputs["q_camids"], outputs["g_camids"],
-                q_paths, g_paths, output_dir / "rank_lists", num_queries=ranks.num_queries, order=order,
-                top_k=ranks.top_k, size=tuple(datamodule.size),
-            )
+        test_splits = datamodule.test_splits
+        for position, (name, split) in enumerate(test_splits.items()):
+            out_dir = output_dir if len(test_splits) == 1 else output_dir / name
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_extras(cfg, module.eval_outputs(position), [*split.query, *split.gallery], out_dir, datamodule.size)
     return metrics
+
+
+def save_extras(cfg: DictConfig, outputs: dict[str, Any], samples: list[Sample], out_dir: Path, size: tuple[int, int]) -> None:
+    """Write the extras that ``cfg`` asks for (features.npz, cmc.png, rank_lists/) of one test set.
+
+    Args:
+        cfg: the eval config (``export_features``, ``cmc_curve``, ``rank_lists``).
+        outputs: the kept outputs of the set's metric (``ReIDModule.eval_outputs``).
+        samples: the set's query then gallery samples, in evaluation index order.
+        out_dir: where to write.
+        size: input (height, width), the tile size of the rank lists.
+    """
+    q_paths = [samples[i].path for i in outputs["q_index"].tolist()]
+    g_paths = [samples[i].path for i in outputs["g_index"].tolist()]
+    if cfg.export_features:
+        export_features(outputs, q_paths + g_paths, out_dir / "features.npz")
+    if cfg.cmc_curve:
+        save_cmc_curve(outputs["cmc"], out_dir / "cmc.png")
+    ranks = cfg.rank_lists
+    if ranks.num_queries or not isinstance(ranks.order, str):
+        order = ranks.order if isinstance(ranks.order, str) else list(ranks.order)
+        # the chunked ranking keeps no distance matrix: rank lists compute it here
+        distmat = outputs.get("dist")
+        if distmat is None:
+            distmat = compute_distance(outputs["q_feat"], outputs["g_feat"], cfg.evaluation.metric)
+        save_rank_lists(
+            distmat, outputs["q_pids"], outputs["g_pids"], outputs["q_camids"], outputs["g_camids"],
+            q_paths, g_paths, out_dir / "rank_lists", num_queries=ranks.num_queries, order=order,
+            top_k=ranks.top_k, size=tuple(size),
+        )

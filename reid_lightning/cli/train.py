@@ -4,7 +4,7 @@ Called as::
 
     @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
     def main(cfg):
-        return train(cfg)["mAP"]
+        return objective(train(cfg))
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from reid_lightning.checkpointing.load import load_model_checkpoint, load_model_weights
 from reid_lightning.checkpointing.atomic_io import AtomicCheckpointIO
@@ -50,12 +51,13 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
 
 
-def build_datamodule(data_cfg: DictConfig) -> pl.LightningDataModule:
-    """Instantiate a ``data`` config, generate the demo set if needed and parse the splits."""
+def build_datamodule(data_cfg: DictConfig, stage: str = "fit") -> pl.LightningDataModule:
+    """Instantiate a ``data`` config, generate the demo set if needed and parse the splits
+    (``stage="test"``: the test sets only)."""
     # plain containers: the datamodule's hyper-parameters go into checkpoints (weights_only loading)
     datamodule = instantiate(data_cfg, _convert_="all")
     datamodule.prepare_data()
-    datamodule.setup("fit")
+    datamodule.setup(stage)
     return datamodule
 
 
@@ -79,27 +81,96 @@ def to_report(metrics: dict[str, float]) -> dict[str, float]:
     return {METRIC_NAMES.get(k, k): round(float(v), 4) for k, v in metrics.items()}
 
 
-def write_metrics(metrics: dict[str, float], output_dir: Path) -> Path:
-    """Write ``metrics.json`` into ``output_dir`` and print it as a table."""
+def report_test_metrics(module: ReIDModule) -> dict[str, Any]:
+    """metrics.json figures of the module's last test run: the first test set's at the top
+    level and, when there are several test sets, a ``test_sets`` block holding each set's."""
+    report: dict[str, Any] = to_report(module.last_test_metrics)
+    if len(module.last_test_metrics_by_set) > 1:
+        report["test_sets"] = {name: to_report(m) for name, m in module.last_test_metrics_by_set.items()}
+    return report
+
+
+def metric_rows(metrics: dict[str, Any], label: str = "test") -> list[tuple[str, dict[str, float]]]:
+    """The numeric figures of a metrics.json dict as ``(label, figures)`` rows: the top level
+    as ``label``, then each nested block (``val``, ``best``, each test set) as its own row."""
+    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    rows = [(label, flat)] if flat else []
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            child = label if key == "test_sets" else (key if label == "test" else f"{label} {key}")
+            rows += metric_rows(value, child)
+    return rows
+
+
+def write_metrics(metrics: dict[str, Any], output_dir: Path) -> Path:
+    """Write ``metrics.json`` into ``output_dir`` and print it as a table (one row per block)."""
     path = output_dir / "metrics.json"
     path.write_text(json.dumps(metrics, indent=2) + "\n")
     from rich.console import Console
     from rich.table import Table
 
+    rows = metric_rows(metrics)
     table = Table(title=f"ReID metrics ({path})")
-    for name in metrics:
+    columns = list(dict.fromkeys(name for _, row in rows for name in row))
+    for name in ["", *columns]:
         table.add_column(name, justify="right")
-    table.add_row(*(f"{v:.2f}" for v in metrics.values()))
+    for label, row in rows:
+        cells = [row.get(name, "") for name in columns]
+        table.add_row(label, *(f"{v:.2f}" if isinstance(v, float) else str(v) for v in cells))
     Console().print(table)
     return path
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the model described by ``cfg``, test it and write ``metrics.json``.
+def selection_checkpoint(trainer: pl.Trainer) -> ModelCheckpoint | None:
+    """The first ModelCheckpoint that monitors ``val/mAP`` and has saved a best checkpoint."""
+    for callback in trainer.checkpoint_callbacks:
+        if callback.monitor == "val/mAP" and callback.best_model_path:
+            return callback
+    return None
+
+
+def evaluate_best_checkpoint(
+    trainer: pl.Trainer, module: ReIDModule, datamodule: pl.LightningDataModule, callback: ModelCheckpoint
+) -> dict[str, Any]:
+    """Load the best checkpoint of ``callback`` into ``module`` and test it.
 
     Returns:
-        The test metrics in percent (keys of :data:`METRIC_NAMES`), empty when
-        ``cfg.run_test`` is false.
+        The ``best`` block of metrics.json: its ``epoch`` (0-based, as in its file name),
+        ``step``, ``val_mAP``, ``checkpoint`` path and its test figures (see :func:`report_test_metrics`).
+    """
+    ckpt = load_checkpoint(callback.best_model_path)
+    load_model_weights(module, ckpt["state_dict"], source=str(callback.best_model_path))
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    return {
+        "epoch": int(ckpt["epoch"]), "step": int(ckpt["global_step"]),
+        "val_mAP": round(float(callback.best_model_score), 4), "checkpoint": str(callback.best_model_path),
+        **report_test_metrics(module),
+    }
+
+
+def objective(metrics: dict[str, Any]) -> float | None:
+    """The figure a sweeper optimises: the best checkpoint's validation mAP, else the final
+    model's validation mAP when a validation split exists, else the test mAP."""
+    if "best" in metrics:
+        return metrics["best"]["val_mAP"]
+    if "val" in metrics:
+        return metrics["val"]["mAP"]
+    return metrics.get("mAP")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit the model described by ``cfg``, test it and write ``metrics.json``.
+
+    With held-out validation identities (``data.val_identities``) the final model is
+    validated (unless its last epoch was) and the best checkpoint by ``val/mAP`` is tested
+    after the final model.
+
+    Returns:
+        The contents of metrics.json, in percent: the final model's test figures (keys of
+        :data:`METRIC_NAMES`) of the first test set, ``test_sets`` (each test set's, when
+        several), ``val`` (the final model's validation figures) and ``best`` (see
+        :func:`evaluate_best_checkpoint`) when there is a validation split. Test figures are
+        absent when ``cfg.run_test`` is false; the dict is then empty without a validation split.
     """
     output_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
@@ -110,7 +181,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg.data)
     model = build_model(cfg, datamodule.num_classes)
     plain_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    module = ReIDModule(model, solver=cfg.solver, evaluation=OmegaConf.to_container(cfg.evaluation), cfg=plain_cfg)
+    module = ReIDModule(
+        model, solver=cfg.solver, evaluation=OmegaConf.to_container(cfg.evaluation), cfg=plain_cfg,
+        val_sets=datamodule.val_set_names, test_sets=datamodule.test_set_names,
+    )
     if cfg.get("init_from") and not resume.ckpt_path:  # a resumed run restores its own weights
         init = load_model_checkpoint(cfg.init_from, option="init_from")  # ours or fast-reid's
         load_model_weights(module, init["state_dict"], source=str(cfg.init_from), strict=cfg.get("init_strict", True))
@@ -123,10 +197,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     with hydra_job_ddp(trainer):  # DDP children of this job only (multirun sweeps)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.ckpt_path)
-        if not cfg.get("run_test", True):
-            return {}
-        trainer.test(module, datamodule=datamodule, verbose=False)
-    metrics = to_report(module.last_test_metrics)
-    if trainer.is_global_zero:
+        metrics: dict[str, Any] = {}
+        if datamodule.val_split is not None:
+            if module.last_val_step != trainer.global_step:  # the final weights have not been validated
+                trainer.validate(module, datamodule=datamodule, verbose=False)
+            metrics["val"] = to_report(module.last_val_metrics)
+        if cfg.get("run_test", True):
+            trainer.test(module, datamodule=datamodule, verbose=False)
+            metrics = {**report_test_metrics(module), **metrics}
+            best = selection_checkpoint(trainer) if datamodule.val_split is not None else None
+            if best is not None:
+                metrics["best"] = evaluate_best_checkpoint(trainer, module, datamodule, best)
+    if metrics and trainer.is_global_zero:
         write_metrics(metrics, output_dir)
     return metrics

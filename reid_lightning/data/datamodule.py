@@ -4,6 +4,7 @@ evaluation sharding together."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -12,13 +13,14 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Subset
 
-from reid_lightning.data.datasets import build_dataset
 from reid_lightning.data.datasets.demo import prepare_demo
 from reid_lightning.data.image_dataset import ImageDataset, verify_images
+from reid_lightning.data.multi_dataset import DatasetEntry, combine_train_sets, load_entry, parse_entries
 from reid_lightning.data.samplers import SAMPLERS, build_identity_sampler, distributed_context
 from reid_lightning.data.samples import ReIDSplits, Sample
 from reid_lightning.data.seeded_sampler import SeededSampler
 from reid_lightning.data.transforms import build_test_transforms, build_train_transforms
+from reid_lightning.data.validation_split import hold_out_identities
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,13 @@ class ReIDDataModule(pl.LightningDataModule):
     query + gallery without padding. Run the trainer with
     ``use_distributed_sampler=False``.
 
+    One data set (``dataset``) trains and tests by default. ``train_sets`` trains on several
+    (identities and cameras kept apart, see :func:`combine_train_sets`), ``test_sets`` tests
+    on several: ``test_dataloader`` then returns one loader per set, in list order
+    (:attr:`test_set_names`). ``val_identities`` holds training identities out as the
+    validation split (:func:`hold_out_identities`); without it validation runs on the test
+    sets (fast-reid's behaviour), one loader per set (:attr:`val_set_names`).
+
     Typical use::
 
         dm = ReIDDataModule("market1501", root="/data", batch_size=64, num_instances=4)
@@ -75,6 +84,12 @@ class ReIDDataModule(pl.LightningDataModule):
         seed: seed of the identity sampler.
         batches_per_epoch: global training batches per epoch; default fast-reid's
             epoch, ``len(train images) // batch_size`` (at least 1).
+        train_sets: training data sets, replacing ``dataset`` for training: names or mappings
+            ``{name, root?, label?, <parser options>}`` (see :func:`parse_entries`; an entry given
+            by name alone that equals ``dataset`` takes ``dataset_kwargs``).
+        test_sets: test data sets, same form; default ``train_sets`` when given, else ``dataset``.
+        val_identities: training identities held out for validation: an integer, or a fraction
+            in ``(0, 1)``; 0 validates on the test sets.
         sampler: ``"naive"``: fast-reid's NaiveIdentitySampler (identities drawn in
             proportion to their image count, :class:`~reid_lightning.data.samplers.NaiveIdentitySampler`);
             ``"balanced"``: every identity once per pass
@@ -104,6 +119,9 @@ class ReIDDataModule(pl.LightningDataModule):
         seed: int = 0,
         batches_per_epoch: int | None = None,
         sampler: str = "naive",
+        train_sets: list[str | dict[str, Any]] | None = None,
+        test_sets: list[str | dict[str, Any]] | None = None,
+        val_identities: int | float = 0,
     ) -> None:
         super().__init__()
         if sampler not in SAMPLERS:
@@ -126,39 +144,91 @@ class ReIDDataModule(pl.LightningDataModule):
         self.seed = seed
         self.batches_per_epoch = batches_per_epoch
         self.sampler = sampler
+        defaults = {dataset: self.dataset_kwargs}
+        single = [{"name": dataset, **self.dataset_kwargs}]
+        self.train_entries = parse_entries(train_sets or single, "data.train_sets" if train_sets else "", self.root, defaults)
+        test_where = "data.test_sets" if test_sets else "data.train_sets" if train_sets else ""
+        self.test_entries = parse_entries(test_sets or train_sets or single, test_where, self.root, defaults)
+        self.val_identities = val_identities
         self._splits: ReIDSplits | None = None
+        self._val: ReIDSplits | None = None
+        self._test_splits: dict[str, ReIDSplits] | None = None
+        self._parsed: dict[tuple, ReIDSplits] = {}
         self._resume_epoch: int | None = None
 
     def prepare_data(self) -> None:
-        """Generates the demo set (Lightning runs this on one process per node before ``setup``)."""
-        if self.dataset == "demo":
-            prepare_demo(self.root, **self.dataset_kwargs)
+        """Generates the demo sets (Lightning runs this on one process per node before ``setup``)."""
+        for entry in [*self.train_entries, *self.test_entries]:
+            if entry.name == "demo":
+                prepare_demo(entry.root, **entry.kwargs)
+
+    def _load(self, entry: DatasetEntry) -> ReIDSplits:
+        """Parses an entry's data set once per run (a set in both lists is read once) and logs its summary."""
+        if entry.key() not in self._parsed:
+            self._parsed[entry.key()] = load_entry(entry)
+            self._log_summary(self._parsed[entry.key()])
+        return replace(self._parsed[entry.key()], name=entry.label)
 
     def setup(self, stage: str | None = None) -> None:
-        """Parses the data set once (later calls return at once), optionally verifies
-        the image files, and logs the summary table.
+        """Parses the data sets, logs their summary tables and optionally verifies the image
+        files. Later calls parse only what earlier ones did not.
 
         Args:
-            stage: Lightning's stage name; every stage needs the same splits.
+            stage: Lightning's stage name: ``"test"`` and ``"predict"`` read the test sets
+                only; other stages (and None) also read the training sets and build the
+                validation split.
         """
-        if self._splits is not None:
+        if self._test_splits is None:
+            self._test_splits = {entry.label: self._load(entry) for entry in self.test_entries}
+            if self.verify_images:
+                verify_images([s for splits in self._test_splits.values() for s in [*splits.query, *splits.gallery]])
+        if self._splits is not None or stage in ("test", "predict"):
             return
-        splits = build_dataset(self.dataset, self.root, **self.dataset_kwargs)
+        parsed = [self._load(entry) for entry in self.train_entries]
+        train = parsed[0].train if len(parsed) == 1 else combine_train_sets(parsed)
+        train, val = hold_out_identities(train, self.val_identities, self.seed)
+        first = next(iter(self._test_splits.values()))
+        self._splits = ReIDSplits("+".join(splits.name for splits in parsed), train, first.query, first.gallery)
+        if val.query:
+            self._val = val
+        if len(parsed) > 1 or val.query:
+            self._log_summary(ReIDSplits(f"{self._splits.name} (training)", train, val.query, val.gallery))
         if self.verify_images:
-            verify_images([*splits.train, *splits.query, *splits.gallery])
-        self._splits = splits
-        self._log_summary()
+            verify_images([*train, *val.query, *val.gallery])
 
     @rank_zero_only
-    def _log_summary(self) -> None:
-        log.info("%s", self.splits.summary_table())
+    def _log_summary(self, splits: ReIDSplits) -> None:
+        log.info("%s", splits.summary_table())
 
     @property
     def splits(self) -> ReIDSplits:
-        """The parsed splits (after :meth:`setup`)."""
+        """The training samples (all training sets, held-out identities removed) with the
+        query and gallery of the first test set (after :meth:`setup` of a training stage)."""
         if self._splits is None:
             raise RuntimeError("ReIDDataModule.setup() has not run yet; call it before reading the splits")
         return self._splits
+
+    @property
+    def test_splits(self) -> dict[str, ReIDSplits]:
+        """Each test set's splits by label, in ``test_sets`` order (after :meth:`setup`)."""
+        if self._test_splits is None:
+            raise RuntimeError("ReIDDataModule.setup() has not run yet; call it before reading the splits")
+        return self._test_splits
+
+    @property
+    def val_split(self) -> ReIDSplits | None:
+        """The held-out validation query/gallery (None when ``val_identities`` is 0); after :meth:`setup`."""
+        return self._val
+
+    @property
+    def test_set_names(self) -> list[str]:
+        """Labels of the test sets, in the order of :meth:`test_dataloader`'s loaders."""
+        return [entry.label for entry in self.test_entries]
+
+    @property
+    def val_set_names(self) -> list[str]:
+        """Labels of the validation loaders: ``["validation"]`` with held-out identities, else the test sets'."""
+        return ["validation"] if self._val is not None else self.test_set_names
 
     @property
     def num_classes(self) -> int:
@@ -177,8 +247,9 @@ class ReIDDataModule(pl.LightningDataModule):
 
     @property
     def test_samples(self) -> list[Sample]:
-        """Query then gallery samples, in evaluation index order."""
-        return [*self.splits.query, *self.splits.gallery]
+        """Query then gallery samples of the first test set, in evaluation index order."""
+        first = next(iter(self.test_splits.values()))
+        return [*first.query, *first.gallery]
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpoint state: ``{"next_epoch": e}``, the epoch whose batches training draws next.
@@ -250,7 +321,7 @@ class ReIDDataModule(pl.LightningDataModule):
             **self._loader_options(),
         )
 
-    def build_test_loader(self, rank: int, world_size: int) -> DataLoader:
+    def build_test_loader(self, rank: int, world_size: int, split: ReIDSplits | None = None) -> DataLoader:
         """Builds the evaluation loader of one rank: its contiguous share (see
         :func:`shard_range`) of query + gallery, in order, items carrying their global
         ``"index"`` and ``"is_query"``.
@@ -258,11 +329,13 @@ class ReIDDataModule(pl.LightningDataModule):
         Args:
             rank: the rank.
             world_size: number of ranks.
+            split: the query/gallery to load; default the first test set.
 
         Returns:
             A sequential loader of ``test_batch_size`` images per batch.
         """
-        full = ImageDataset.for_test(self.splits.query, self.splits.gallery, build_test_transforms(self.size))
+        split = split or next(iter(self.test_splits.values()))
+        full = ImageDataset.for_test(split.query, split.gallery, build_test_transforms(self.size))
         share = Subset(full, list(shard_range(len(full), rank, world_size)))
         return DataLoader(
             share, batch_size=self.test_batch_size, shuffle=False, drop_last=False, **self._loader_options()
@@ -271,8 +344,14 @@ class ReIDDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self.build_train_loader(*self.distributed_context())
 
-    def val_dataloader(self) -> DataLoader:
-        return self.build_test_loader(*self.distributed_context())
+    def _eval_loaders(self, splits: list[ReIDSplits]) -> DataLoader | list[DataLoader]:
+        loaders = [self.build_test_loader(*self.distributed_context(), split) for split in splits]
+        return loaders[0] if len(loaders) == 1 else loaders
 
-    def test_dataloader(self) -> DataLoader:
-        return self.build_test_loader(*self.distributed_context())
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The held-out validation split, else one loader per test set (see :attr:`val_set_names`)."""
+        return self._eval_loaders([self.val_split] if self.val_split else list(self.test_splits.values()))
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        """One loader per test set (see :attr:`test_set_names`)."""
+        return self._eval_loaders(list(self.test_splits.values()))

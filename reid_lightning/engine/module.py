@@ -13,7 +13,7 @@ Batches are the dicts of :class:`reid_lightning.data.ReIDDataModule`: training b
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -52,6 +52,11 @@ class ReIDModule(pl.LightningModule):
             ``scripts/eval.py`` can rebuild the model, and exposed to hooks as ``trainer.cfg``.
         keep_eval_outputs: keep the ranked test data of the last test run in
             ``last_eval_outputs`` (see ``ReIDMetric(keep_outputs=True)``).
+        val_sets: names of the validation loaders (``ReIDDataModule.val_set_names``), one
+            ReIDMetric each. The first set logs ``val/<metric>``; with several, each also
+            logs ``val/<name>/<metric>``.
+        test_sets: names of the test loaders (``ReIDDataModule.test_set_names``), logged the
+            same way under ``test/``.
     """
 
     def __init__(
@@ -61,6 +66,8 @@ class ReIDModule(pl.LightningModule):
         evaluation: Mapping[str, Any] | None = None,
         cfg: DictConfig | Mapping | None = None,
         keep_eval_outputs: bool = False,
+        val_sets: Sequence[str] = ("validation",),
+        test_sets: Sequence[str] = ("test",),
     ) -> None:
         super().__init__()
         self.model = model
@@ -78,9 +85,13 @@ class ReIDModule(pl.LightningModule):
         metric_kwargs = {k: v for k, v in self.evaluation.items() if k in _METRIC_KEYS}
         if "tpr_fprs" in metric_kwargs:
             metric_kwargs["tpr_fprs"] = tuple(metric_kwargs["tpr_fprs"] or ())
-        self.val_metric = ReIDMetric(**metric_kwargs)
-        self.test_metric = ReIDMetric(keep_outputs=keep_eval_outputs, **metric_kwargs)
+        self.val_sets, self.test_sets = list(val_sets), list(test_sets)
+        self.val_metrics = nn.ModuleList(ReIDMetric(**metric_kwargs) for _ in self.val_sets)
+        self.test_metrics = nn.ModuleList(ReIDMetric(keep_outputs=keep_eval_outputs, **metric_kwargs) for _ in self.test_sets)
         self.last_test_metrics: dict[str, float] = {}
+        self.last_test_metrics_by_set: dict[str, dict[str, float]] = {}
+        self.last_val_metrics: dict[str, float] = {}
+        self.last_val_step: int | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Features of ``images`` (eval mode) with the optional flip test, in float32 unless
@@ -150,17 +161,21 @@ class ReIDModule(pl.LightningModule):
                 "comparable with a full evaluation"
             )
 
-    def _eval_epoch_end(self, metric: ReIDMetric, prefix: str) -> dict[str, float]:
-        if self._sanity_checking():
+    def _eval_epoch_end(self, metrics: nn.ModuleList, names: list[str], prefix: str) -> dict[str, dict[str, float]]:
+        """Computes and logs every set's metrics: ``<prefix>/<metric>`` for the first set and,
+        with several sets, ``<prefix>/<set>/<metric>`` for each; returns them by set name."""
+        by_set = {}
+        for position, (metric, set_name) in enumerate(zip(metrics, names)):
+            results = {k: float(v) for k, v in metric.compute().items()}
             metric.reset()
-            return {}
-        self._warn_partial_split(prefix)
-        results = {k: float(v) for k, v in metric.compute().items()}
-        metric.reset()
-        # every rank computed the same numbers from the gathered features: no further sync
-        for name, value in results.items():
-            self.log(f"{prefix}/{name}", value, prog_bar=name in ("mAP", "rank1"), sync_dist=False, rank_zero_only=False)
-        return results
+            by_set[set_name] = results
+            prefixes = ([prefix] if position == 0 else []) + ([f"{prefix}/{set_name}"] if len(names) > 1 else [])
+            # every rank computed the same numbers from the gathered features: no further sync
+            for name, value in results.items():
+                for key in prefixes:
+                    self.log(f"{key}/{name}", value, prog_bar=key == prefix and name in ("mAP", "rank1"),
+                             sync_dist=False, rank_zero_only=False)
+        return by_set
 
     def on_validation_epoch_start(self) -> None:
         self._eval_samples = 0
@@ -168,24 +183,34 @@ class ReIDModule(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._eval_samples = 0
 
-    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(self.val_metric, batch)
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(self.val_metrics[dataloader_idx], batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end(self.val_metric, "val")
+        by_set = self._eval_epoch_end(self.val_metrics, self.val_sets, "val")
+        if not by_set:  # sanity check
+            return
+        self.last_val_metrics = by_set[self.val_sets[0]]
+        self.last_val_step = self.global_step
 
-    def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(self.test_metric, batch)
+    def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(self.test_metrics[dataloader_idx], batch)
 
     def on_test_epoch_end(self) -> None:
-        self.last_test_metrics = self._eval_epoch_end(self.test_metric, "test")
+        self.last_test_metrics_by_set = self._eval_epoch_end(self.test_metrics, self.test_sets, "test")
+        self.last_test_metrics = self.last_test_metrics_by_set[self.test_sets[0]]
+
+    def eval_outputs(self, test_set: int = 0) -> dict[str, Any]:
+        """Ranked data of test set number ``test_set`` in the last test run (needs ``keep_eval_outputs=True``)."""
+        outputs = self.test_metrics[test_set].last_outputs
+        if not outputs:
+            raise RuntimeError("no test outputs kept: build ReIDModule(keep_eval_outputs=True) and run trainer.test")
+        return outputs
 
     @property
     def last_eval_outputs(self) -> dict[str, Any]:
-        """Ranked data of the last test run (needs ``keep_eval_outputs=True``)."""
-        if not self.test_metric.last_outputs:
-            raise RuntimeError("no test outputs kept: build ReIDModule(keep_eval_outputs=True) and run trainer.test")
-        return self.test_metric.last_outputs
+        """Ranked data of the first test set in the last test run (needs ``keep_eval_outputs=True``)."""
+        return self.eval_outputs(0)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

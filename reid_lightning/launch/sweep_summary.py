@@ -1,4 +1,5 @@
-"""Summary of a Hydra multirun: one row per job, its overrides -> Rank-1 / mAP / mINP.
+"""Summary of a Hydra multirun: one row per job, its overrides -> Rank-1 / mAP / mINP (and the
+mAP of each further test set and of the validation split, when the jobs report them).
 
 Registered as a Hydra callback in ``conf/hydra/default.yaml``::
 
@@ -27,7 +28,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-# metrics.json keys shown in summary.md (summary.csv holds every key found)
+# metrics.json keys shown in summary.md (summary.csv holds every key found), followed by the
+# "<test set>/mAP" of each test set and "val/mAP" when jobs report them
 TABLE_METRICS = ("Rank-1", "mAP", "mINP")
 
 
@@ -37,7 +39,19 @@ class JobResult:
 
     job: str
     overrides: list[str]
-    metrics: dict[str, float] | None
+    metrics: dict[str, Any] | None
+
+
+def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """metrics.json as one level: nested blocks become ``block/key`` (``val/mAP``, ``best/epoch``), and
+    each block of ``test_sets`` is named by its set alone (``dukemtmc/mAP``, ``best/dukemtmc/mAP``)."""
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, prefix if key == "test_sets" else f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def natural_key(text: str) -> list[Any]:
@@ -51,7 +65,7 @@ def collect_jobs(sweep_dir: Path) -> list[JobResult]:
     for overrides_file in sweep_dir.rglob(".hydra/overrides.yaml"):
         job_dir = overrides_file.parent.parent
         metrics_file = job_dir / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+        metrics = flatten(json.loads(metrics_file.read_text())) if metrics_file.is_file() else None
         overrides = [str(o) for o in OmegaConf.load(overrides_file)]
         jobs.append(JobResult(job_dir.relative_to(sweep_dir).as_posix(), overrides, metrics))
     return sorted(jobs, key=lambda j: natural_key(j.job))
@@ -95,23 +109,39 @@ def metric_names(jobs: list[JobResult]) -> list[str]:
     return list(names)
 
 
+def table_metrics(jobs: list[JobResult]) -> list[str]:
+    """The columns of summary.md: :data:`TABLE_METRICS`, then each test set's and the validation mAP found."""
+    extra = [name for name in metric_names(jobs) if name.endswith("/mAP") and not name.startswith("best/")]
+    return [*TABLE_METRICS, *[name for name in extra if name != "val/mAP"], *[name for name in extra if name == "val/mAP"]]
+
+
+def selection_score(metrics: dict[str, Any]) -> tuple[str, float] | None:
+    """What a sweeper optimised (see ``runner.objective``), from flattened metrics: ``(label, value)``."""
+    for key, label in (("best/val_mAP", "val mAP (best checkpoint)"), ("val/mAP", "val mAP"), ("mAP", "mAP")):
+        if key in metrics:
+            return label, metrics[key]
+    return None
+
+
 def format_markdown(sweep_dir: Path, jobs: list[JobResult]) -> str:
-    """The summary as markdown: a heading, the shared overrides, the best job by mAP and the table."""
+    """The summary as markdown: a heading, the shared overrides, the best job by its objective
+    (validation mAP when the jobs hold identities out, else test mAP) and the table."""
     varying, common = varying_keys(jobs)
-    header = ["job", *varying, *TABLE_METRICS, "status"]
+    columns = table_metrics(jobs)
+    header = ["job", *varying, *columns, "status"]
     lines = [f"# Sweep summary: {sweep_dir}", ""]
     if common:
         lines += ["Overrides shared by all jobs: " + " ".join(f"`{o}`" for o in common), ""]
-    finished = [job for job in jobs if job.metrics and "mAP" in job.metrics]
-    if finished:
-        best = max(finished, key=lambda j: j.metrics["mAP"])
-        lines += [f"Best mAP: {best.metrics['mAP']:.2f} (job {best.job})", ""]
+    scored = [(selection_score(job.metrics), job) for job in jobs if job.metrics and selection_score(job.metrics)]
+    if scored:
+        (label, value), best = max(scored, key=lambda pair: pair[0][1])
+        lines += [f"Best {label}: {value:.2f} (job {best.job})", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for job in jobs:
         given = dict(map(split_override, job.overrides))
         cells = [job.job, *(short_value(given.get(key, "")) for key in varying)]
         metrics = job.metrics or {}
-        cells += [f"{metrics[name]:.2f}" if name in metrics else "-" for name in TABLE_METRICS]
+        cells += [f"{metrics[name]:.2f}" if name in metrics else "-" for name in columns]
         cells.append("ok" if job.metrics is not None else "failed")
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
