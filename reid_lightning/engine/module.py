@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from reid_lightning.engine.finite_check import NonFiniteLossWatch
 from reid_lightning.engine.optim import build_optimizer, build_warmup_multistep
 from reid_lightning.evaluation import ReIDMetric, extract_features
 
@@ -67,6 +68,7 @@ class ReIDModule(pl.LightningModule):
         self.val_metric = ReIDMetric(**metric_kwargs)
         self.test_metric = ReIDMetric(keep_outputs=keep_eval_outputs, **metric_kwargs)
         self.last_test_metrics: dict[str, float] = {}
+        self.loss_watch = NonFiniteLossWatch()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Features of ``images`` (eval mode) with the optional flip test."""
@@ -77,16 +79,22 @@ class ReIDModule(pl.LightningModule):
         outputs = self.model(batch["images"])
         loss_dict = self.model.losses(outputs, batch["targets"])
         total = sum(loss_dict.values())
-        if not torch.isfinite(total):
-            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict.items())
-            raise FloatingPointError(
-                f"Loss became infinite or NaN at iteration {self.global_step} (epoch {self.current_epoch}): {terms}"
-            )
+        # checked on the device; read (and failed) every log_every_n_steps and before validation,
+        # checkpoints and the end of training
+        self.loss_watch.update(self.global_step, self.current_epoch, total, loss_dict)
+        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+            self.loss_watch.check()
         batch_size = batch["images"].shape[0]
         for name, value in loss_dict.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
         self.log("train/total_loss", total, prog_bar=True, batch_size=batch_size)
         return {"loss": total, "loss_dict": {k: v.detach() for k, v in loss_dict.items()}}
+
+    def on_train_epoch_end(self) -> None:
+        self.loss_watch.check()  # runs before ModelCheckpoint's on_train_epoch_end
+
+    def on_train_end(self) -> None:
+        self.loss_watch.check()
 
     def configure_optimizers(self) -> dict[str, Any]:
         opt_kwargs = {k: self.solver[k] for k in _OPTIMIZER_KEYS if k in self.solver}
@@ -115,6 +123,9 @@ class ReIDModule(pl.LightningModule):
         for name, value in results.items():
             self.log(f"{prefix}/{name}", value, prog_bar=name in ("mAP", "rank1"), sync_dist=False, rank_zero_only=False)
         return results
+
+    def on_validation_start(self) -> None:
+        self.loss_watch.check()
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(self.val_metric, batch)

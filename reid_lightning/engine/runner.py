@@ -23,6 +23,7 @@ from reid_lightning.engine.checkpoint_io import AtomicCheckpointIO
 from reid_lightning.engine.config_tree import print_config_tree
 from reid_lightning.engine.ddp_launch import hydra_job_ddp
 from reid_lightning.engine.hooks import build_hooks
+from reid_lightning.engine.model_speed import compile_with_fallback, resolve_channels_last, to_channels_last
 from reid_lightning.engine.module import ReIDModule
 from reid_lightning.engine.resume import ResumePlan, RNGStates
 
@@ -59,10 +60,13 @@ def build_datamodule(data_cfg: DictConfig) -> pl.LightningDataModule:
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
-    """Instantiate ``cfg.model`` for ``num_classes`` identities; compile the backbone if asked."""
+    """Instantiate ``cfg.model`` for ``num_classes`` identities; put the backbone channels-last
+    (``channels_last``) and compile it (``compile``, ``compile_kwargs``) if asked."""
     model = instantiate(cfg.model, num_classes=num_classes, _convert_="all")
+    if resolve_channels_last(cfg.get("channels_last", False), cfg.trainer.get("accelerator", "auto")):
+        to_channels_last(model.backbone)
     if cfg.get("compile"):
-        model.backbone.compile()
+        compile_with_fallback(model.backbone, "backbone", **OmegaConf.to_container(cfg.get("compile_kwargs") or {}))
     return model
 
 
