@@ -80,9 +80,10 @@ class ReIDModule(pl.LightningModule):
         loss_dict = self.model.losses(outputs, batch["targets"])
         total = sum(loss_dict.values())
         # checked on the device; read (and failed) every log_every_n_steps and before validation,
-        # checkpoints and the end of training
+        # checkpoints and the end of training (every step when no trainer drives the module)
         self.loss_watch.update(self.global_step, self.current_epoch, total, loss_dict)
-        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+        every = max(1, self._trainer.log_every_n_steps) if self._trainer is not None else 1
+        if (self.global_step + 1) % every == 0:
             self.loss_watch.check()
         batch_size = batch["images"].shape[0]
         for name, value in loss_dict.items():
