@@ -2,12 +2,13 @@
 progress bar's metric interval, channels-last and compile with its fallback."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train
+from conftest import compose_train, run_script
 from hooks_support import TinyModule, make_trainer
 from pytorch_lightning.callbacks import RichProgressBar
 
@@ -149,3 +150,26 @@ def test_compile_falls_back_to_eager_with_a_message(tmp_path: Path, caplog) -> N
     assert "torch.compile of the backbone failed" in caplog.text and "no compiler here" in caplog.text
     assert model.backbone._compiled_call_impl is None
     assert torch.equal(fallen_back, eager)
+
+
+@pytest.mark.slow
+def test_benchmark_train_prints_one_json_line_per_mode(tmp_path: Path) -> None:
+    small_demo = {"num_ids": 8, "images_per_id": 4, "num_distractors": 0, "num_junk": 2}
+    proc = run_script(
+        "benchmark_train.py",
+        ["--mode", "all", "--model", "bot_r18", "--height", "32", "--width", "16", "--batch", "8", "--iters", "3",
+         "--warmup", "1", "--workers", "0,1", "--data-dir", str(tmp_path / "data"),
+         "--output-dir", str(tmp_path / "out"), "--channels-last",
+         *(f"++data.dataset_kwargs.{key}={value}" for key, value in small_demo.items())],
+        cwd=tmp_path,
+    )
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [line["mode"] for line in lines] == ["loader", "step", "fit"]
+    for line in lines:
+        assert {"images_per_s", "iters", "device", "precision"} <= set(line) and line["images_per_s"] > 0
+        assert (line["iters"], line["device"], line["precision"], line["channels_last"]) == (3, "cpu", "32", True)
+    assert set(lines[0]["by_workers"]) == {"0", "1"}
+    fit = lines[2]
+    assert fit["fit_over_step"] == pytest.approx(fit["images_per_s"] / lines[1]["images_per_s"], rel=1e-3)
+    # 2 batches of 8 per epoch (16 training images): the timed steps cross epoch boundaries
+    assert fit["epochs"] >= 1
