@@ -12,8 +12,8 @@ weak-keyed table, so nothing is added to the Trainer) and:
 * before any ``after_step``, puts the step's scalars at ``storage.iter == trainer.iter``:
   ``total_loss`` (``outputs["loss"]``, un-normalised under gradient accumulation), every
   ``outputs["loss_dict"]`` entry (tensors left on their device: the storage reads them when a
-  writer asks, so a step does not wait for the device), ``lr`` (first parameter group of the first optimizer, as used by
-  the step), ``data_time`` (time outside Lightning's batch hooks: loader and transfer) and
+  writer asks, so a step does not wait for the device), ``lr`` (first parameter group of the
+  first optimizer, as used by the step), ``data_time`` (time outside Lightning's batch hooks: loader and transfer) and
   ``time`` (time inside them), each averaged/summed over the step's micro-batches;
 * after the last hook's ``after_step`` (and after the last ``after_epoch``/``after_train``), sends
   the scalars put at that iteration to the Lightning loggers with ``logger.log_metrics`` on global
