@@ -6,8 +6,9 @@
 
 Each mode prints one JSON line: ``mode``, ``images_per_s``, ``s_per_iter``, ``iters``, ``device``,
 ``precision`` and the settings; ``loader`` adds ``by_workers`` (images/s for each count of
-``--workers 0,2,4``), ``fit`` adds ``fit_over_step`` (its images/s over the bare step's, measured
-in the same process). See :mod:`reid_lightning.engine.train_benchmark` for what each mode times.
+``--workers 0,2,4``), ``fit`` adds ``fit_over_step`` (its images/s over the bare step's, the step
+timed in the same process before and after the fit, averaged). ``--mode fit`` prints the step's
+line first. See :mod:`reid_lightning.engine.train_benchmark` for what each mode times.
 """
 from __future__ import annotations
 
@@ -53,17 +54,17 @@ def main(argv: list[str] | None = None) -> None:
     for mode in modes:
         bench.seed(0)
         if mode == "loader":
-            result = bench.time_loader(cfg.copy(), args.iters, args.warmup, worker_counts)
-        elif mode == "step" or step is None:
+            print(json.dumps(bench.time_loader(cfg.copy(), args.iters, args.warmup, worker_counts)), flush=True)
+            continue
+        if step is None:
             step = bench.time_step(cfg, args.iters, args.warmup)
-            result = step
+            print(json.dumps(step), flush=True)
         if mode == "fit":
-            if args.mode == "fit":
-                print(json.dumps(step), flush=True)
+            fit = bench.time_fit(cfg, args.iters, args.warmup)
             bench.seed(0)
-            result = bench.fit_over_step(bench.time_fit(cfg, args.iters, args.warmup), step)
-        print(json.dumps(result), flush=True)
-
+            # the step again after the fit: on a shared machine the load drifts between the two
+            step_after = bench.time_step(cfg, args.iters, args.warmup)
+            print(json.dumps(bench.fit_over_step(fit, step, step_after)), flush=True)
 
 if __name__ == "__main__":
     main()

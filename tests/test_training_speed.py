@@ -170,6 +170,8 @@ def test_benchmark_train_prints_one_json_line_per_mode(tmp_path: Path) -> None:
         assert (line["iters"], line["device"], line["precision"], line["channels_last"]) == (3, "cpu", "32", True)
     assert set(lines[0]["by_workers"]) == {"0", "1"}
     fit = lines[2]
-    assert fit["fit_over_step"] == pytest.approx(fit["images_per_s"] / lines[1]["images_per_s"], rel=1e-3)
+    step_rates = fit["step_images_per_s"]
+    assert len(step_rates) == 2 and step_rates[0] == lines[1]["images_per_s"]
+    assert fit["fit_over_step"] == pytest.approx(2 * fit["images_per_s"] / sum(step_rates), rel=1e-3)
     # 2 batches of 8 per epoch (16 training images): the timed steps cross epoch boundaries
     assert fit["epochs"] >= 1
