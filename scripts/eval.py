@@ -10,9 +10,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from reid_lightning.launch.hydra_ddp import external_rank_overrides
-
 from reid_lightning.cli.evaluate import evaluate
+from reid_lightning.launch.hydra_ddp import external_rank_overrides
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")

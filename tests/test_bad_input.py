@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import CONF_DIR, compose_train, run_script
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-from conftest import CONF_DIR, compose_train, run_script
 from reid_lightning.checkpointing.load import load_model_weights
 from reid_lightning.cli.evaluate import evaluate
-from reid_lightning.engine.module import ReIDModule
 from reid_lightning.cli.train import train
+from reid_lightning.engine.module import ReIDModule
 
 SPLITS = ("bounding_box_train", "query", "bounding_box_test")
 CLASSIFIER = "model.head.classifier.weight"

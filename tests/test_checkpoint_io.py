@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT, compose_train
+
 from reid_lightning.checkpointing.atomic_io import AtomicCheckpointIO
 from reid_lightning.cli.train import build_trainer
 

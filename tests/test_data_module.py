@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import compose_train
 from hydra.utils import instantiate
 from PIL import Image
 
-from conftest import compose_train
 from reid_lightning.data import (
     BalancedIdentitySampler,
     ImageDataset,

@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra.utils import instantiate
-
 from conftest import compose_train
+from hydra.utils import instantiate
+from test_data_parsers import market_tree, write_images
+
 from reid_lightning.data import ReIDDataModule, build_dataset
 from reid_lightning.data.multi_dataset import combine_train_sets, parse_entries
-from test_data_parsers import market_tree, write_images
 
 TINY_DEMO = {"seed": 0, "num_ids": 16, "images_per_id": 5, "num_cams": 3, "size": (32, 16), "num_distractors": 2, "num_junk": 1}
 

@@ -7,10 +7,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from test_data_module import DEMO, make_datamodule
 
 from reid_lightning.data import ReIDDataModule, Sample
-from reid_lightning.data.validation_split import hold_out_identities, resolve_identity_count
-from test_data_module import DEMO, make_datamodule
+from reid_lightning.data.validation_split import (
+    hold_out_identities,
+    resolve_identity_count,
+)
 
 
 def synthetic_train() -> list[Sample]:

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import compose_train, run_script
 from pytorch_lightning.plugins import TorchSyncBatchNorm
 from torch import nn
 
-from conftest import compose_train, run_script
+from reid_lightning.cli.train import build_datamodule, build_model
 from reid_lightning.data.datasets.demo import prepare_demo
 from reid_lightning.engine.module import ReIDModule
-from reid_lightning.cli.train import build_datamodule, build_model
 
 TESTS_DIR = Path(__file__).resolve().parent
 BNNECK_BIAS = "head.bnneck.bias"

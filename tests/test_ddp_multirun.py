@@ -14,18 +14,23 @@ from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
+from conftest import CONF_DIR, compose_train, explain, run_script
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict
 from pytorch_lightning.strategies.launchers import subprocess_script
-
-from conftest import CONF_DIR, compose_train, explain, run_script
-from reid_lightning.launch.hydra_ddp import (
-    DDP_ENV_VARS, LightningAPIChanged, check_lightning_api, child_command, config_flags, hydra_job_ddp,
-)
 from test_sweeps import TINY, table_rows
+
+from reid_lightning.launch.hydra_ddp import (
+    DDP_ENV_VARS,
+    LightningAPIChanged,
+    check_lightning_api,
+    child_command,
+    config_flags,
+    hydra_job_ddp,
+)
 
 
 def test_ddp_cpu_config_is_two_gloo_processes_in_float32(tmp_path):

@@ -3,10 +3,10 @@ against fast-reid's schedulers driven as its LRScheduler hook drives them."""
 
 import pytest
 import torch
+from conftest import compose_train
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from conftest import compose_train
 from reid_lightning.engine.optim import (
     build_optimizer,
     build_param_groups,

@@ -20,10 +20,12 @@ from reid_lightning.evaluation import (
     evaluate_rank,
     k_reciprocal_rerank,
     memory,
-    metric as metric_module,
     per_query_metrics,
     rank_queries,
     rerank_memory_bytes,
+)
+from reid_lightning.evaluation import (
+    metric as metric_module,
 )
 from reid_lightning.evaluation.ranking import BYTES_PER_DISTANCE, chunk_plan
 

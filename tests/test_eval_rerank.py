@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from reid_lightning.evaluation import average_query_expansion, k_reciprocal_rerank, rerank
+from reid_lightning.evaluation import (
+    average_query_expansion,
+    k_reciprocal_rerank,
+    rerank,
+)
 
 
 def reference_rerank(q_feat, g_feat, k1=20, k2=6, lambda_value=0.3):

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED, compose_train, run_script
 from hydra.utils import instantiate
 from PIL import Image
 
-from conftest import SHARED, compose_train, run_script
-from reid_lightning.data.transforms import build_test_transforms
 from reid_lightning.checkpointing.load import load_model_checkpoint, load_model_weights
+from reid_lightning.data.transforms import build_test_transforms
 from reid_lightning.engine.module import ReIDModule
 from reid_lightning.modeling import build_bot, is_fastreid_checkpoint
 

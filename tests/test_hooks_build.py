@@ -4,11 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import compose_train
 from hooks_support import TinyModule, make_trainer
-from reid_lightning.engine.hooks import IterationTimer, PeriodicWriter, PreciseBN, build_hooks
+from omegaconf import OmegaConf
+
+from reid_lightning.engine.hooks import (
+    IterationTimer,
+    PeriodicWriter,
+    PreciseBN,
+    build_hooks,
+)
 
 
 def test_build_hooks_instantiates_targets_in_order_and_skips_nulls() -> None:

@@ -6,9 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from hooks_support import TinyModule, make_trainer
-from reid_lightning.engine.hooks import CallbackHook, IterationTimer, LayerFreeze, PeriodicWriter, PreciseBN
+
+from reid_lightning.engine.hooks import (
+    CallbackHook,
+    IterationTimer,
+    LayerFreeze,
+    PeriodicWriter,
+    PreciseBN,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

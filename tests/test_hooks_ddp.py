@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
-
-import pytest
-
 from hooks_support import Recorder, TinyModule, make_trainer
+
 from reid_lightning.engine.hooks import PeriodicWriter
 from reid_lightning.utils import comm
 

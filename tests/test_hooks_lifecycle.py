@@ -7,11 +7,14 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from hooks_support import Recorder, TinyModule, events_of, make_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import HISTOGRAMS, EventAccumulator
+from tensorboard.backend.event_processing.event_accumulator import (
+    HISTOGRAMS,
+    EventAccumulator,
+)
 
-from hooks_support import Recorder, TinyModule, events_of, make_trainer
 from reid_lightning.engine.hooks import CallbackHook, HookBase, get_event_storage
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from hooks_support import CLASSES, FEATURES, RandomDicts, TinyModule, make_trainer
+
 from reid_lightning.data import ReIDDataModule
 from reid_lightning.engine.hooks import (
     CallbackHook,

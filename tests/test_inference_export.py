@@ -8,7 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reid_lightning.inference import ONNX_OPSET, ExportCheckError, FeatureExtractor, export_model, verify_export, write_model_info
+from reid_lightning.inference import (
+    ONNX_OPSET,
+    ExportCheckError,
+    FeatureExtractor,
+    export_model,
+    verify_export,
+    write_model_info,
+)
 
 
 @pytest.fixture(scope="module")

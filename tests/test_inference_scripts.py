@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_script
+
 from reid_lightning.evaluation import compute_distance
 from reid_lightning.inference import FeatureExtractor
 

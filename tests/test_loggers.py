@@ -13,13 +13,18 @@ import json
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf, open_dict
-from pytorch_lightning.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
-
 from conftest import compose_train, run_script
-from reid_lightning.engine.hparams import flatten_config, log_hyperparameters
+from omegaconf import OmegaConf, open_dict
+from pytorch_lightning.loggers import (
+    CSVLogger,
+    MLFlowLogger,
+    TensorBoardLogger,
+    WandbLogger,
+)
+
 from reid_lightning.checkpointing.resume import ResumePlan
 from reid_lightning.cli.train import instantiate_group
+from reid_lightning.engine.hparams import flatten_config, log_hyperparameters
 
 OPTIONAL = [name for name in ("mlflow", "wandb") if importlib.util.find_spec(name) is not None]
 LOGGER_CLASSES = {"csv": CSVLogger, "tensorboard": TensorBoardLogger, "mlflow": MLFlowLogger, "wandb": WandbLogger}

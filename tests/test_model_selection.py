@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+from conftest import CONF_DIR, run_script
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from conftest import CONF_DIR, run_script
 from reid_lightning.cli.evaluate import evaluate as evaluate_in_process
-from reid_lightning.data import ReIDDataModule, generate_demo_dataset
 from reid_lightning.cli.train import objective
+from reid_lightning.data import ReIDDataModule, generate_demo_dataset
 
 DEMO_KWARGS = {"seed": 0, "num_ids": 40, "images_per_id": 8, "num_cams": 3, "size": [64, 32], "num_distractors": 4, "num_junk": 2}
 # conf/data/demo.yaml sets the seed; the other generator options are added

@@ -5,7 +5,13 @@ import torch
 import torchvision
 from torch import nn
 
-from reid_lightning.modeling import GeneralizedMeanPooling, GlobalAvgPool, GlobalMaxPool, build_pooling, build_resnet
+from reid_lightning.modeling import (
+    GeneralizedMeanPooling,
+    GlobalAvgPool,
+    GlobalMaxPool,
+    build_pooling,
+    build_resnet,
+)
 from reid_lightning.modeling.backbones import IBN, build_stem_pool
 
 

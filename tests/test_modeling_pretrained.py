@@ -14,7 +14,12 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import functional as TF
 
-from reid_lightning.modeling import RandomInitWarning, build_bot, build_resnet, load_pretrained
+from reid_lightning.modeling import (
+    RandomInitWarning,
+    build_bot,
+    build_resnet,
+    load_pretrained,
+)
 from reid_lightning.modeling.backbones.pretrained import IBN_A_URLS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

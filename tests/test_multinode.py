@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import CONF_DIR, REPO_ROOT, run_script, script_command
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-
-from conftest import CONF_DIR, REPO_ROOT, run_script, script_command
-from reid_lightning.launch.hydra_ddp import external_rank_overrides, launcher_rank
 from test_ddp import TINY, small_demo_root  # noqa: F401  (fixture)
+
+from reid_lightning.launch.hydra_ddp import external_rank_overrides, launcher_rank
 
 
 class RecordSharding(pl.Callback):

@@ -24,16 +24,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import compose_train, run_script, script_command
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger
 
-from conftest import compose_train, run_script, script_command
+from reid_lightning.checkpointing.resume import (
+    ResumePlan,
+    collect_rng_states,
+    set_rng_states,
+)
+from reid_lightning.cli.train import train
 from reid_lightning.data import ImageDataset, SeededSampler, build_train_transforms
 from reid_lightning.data.datasets.demo import prepare_demo
 from reid_lightning.data.samples import Sample
-from reid_lightning.checkpointing.resume import ResumePlan, collect_rng_states, set_rng_states
-from reid_lightning.cli.train import train
 from reid_lightning.modeling import build_bot
 
 TESTS_DIR = Path(__file__).resolve().parent

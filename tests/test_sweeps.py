@@ -7,14 +7,19 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import CONF_DIR, explain, run_script
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, explain, run_script
-from reid_lightning.launch.sweep_summary import SweepSummary, collect_jobs, short_value, write_summary
+from reid_lightning.launch.sweep_summary import (
+    SweepSummary,
+    collect_jobs,
+    short_value,
+    write_summary,
+)
 
 # a training job of a few seconds: 2 iterations of ResNet-18 on 32x16 demo images, no validation
 TINY = [

@@ -10,9 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from conftest import run_script
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 

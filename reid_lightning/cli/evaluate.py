@@ -22,7 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from reid_lightning.checkpointing.load import load_model_checkpoint
 from reid_lightning.checkpointing.saved_model import rebuild_model
-from reid_lightning.cli.train import build_datamodule, build_trainer, report_test_metrics, write_metrics
+from reid_lightning.cli.train import (
+    build_datamodule,
+    build_trainer,
+    report_test_metrics,
+    write_metrics,
+)
 from reid_lightning.data.samples import Sample
 from reid_lightning.engine.module import ReIDModule
 from reid_lightning.evaluation import compute_distance, save_cmc_curve, save_rank_lists

@@ -19,8 +19,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from reid_lightning.data.datasets import build_dataset
-from reid_lightning.evaluation.visualize import MATCH_COLOUR, WRONG_COLOUR, draw_rank_strip
-from reid_lightning.inference.export import FORMATS, ExportCheckError, export_model, verify_export, write_model_info
+from reid_lightning.evaluation.visualize import (
+    MATCH_COLOUR,
+    WRONG_COLOUR,
+    draw_rank_strip,
+)
+from reid_lightning.inference.export import (
+    FORMATS,
+    ExportCheckError,
+    export_model,
+    verify_export,
+    write_model_info,
+)
 from reid_lightning.inference.extractor import FeatureExtractor, resolve_device
 from reid_lightning.inference.image_files import collect_image_files, market_labels
 from reid_lightning.inference.search import search_gallery

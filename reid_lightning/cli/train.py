@@ -19,14 +19,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from reid_lightning.checkpointing.load import load_model_checkpoint, load_model_weights
 from reid_lightning.checkpointing.atomic_io import AtomicCheckpointIO
-from reid_lightning.cli.config_tree import print_config_tree
-from reid_lightning.launch.hydra_ddp import hydra_job_ddp
-from reid_lightning.engine.hparams import log_hyperparameters
-from reid_lightning.engine.hooks import build_hooks
-from reid_lightning.engine.module import ReIDModule
+from reid_lightning.checkpointing.load import load_model_checkpoint, load_model_weights
 from reid_lightning.checkpointing.resume import ResumePlan, RNGStates
+from reid_lightning.cli.config_tree import print_config_tree
+from reid_lightning.engine.hooks import build_hooks
+from reid_lightning.engine.hparams import log_hyperparameters
+from reid_lightning.engine.model_speed import (
+    compile_with_fallback,
+    resolve_channels_last,
+    to_channels_last,
+)
+from reid_lightning.engine.module import ReIDModule
+from reid_lightning.launch.hydra_ddp import hydra_job_ddp
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +67,13 @@ def build_datamodule(data_cfg: DictConfig, stage: str = "fit") -> pl.LightningDa
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
-    """Instantiate ``cfg.model`` for ``num_classes`` identities; compile the backbone if asked."""
+    """Instantiate ``cfg.model`` for ``num_classes`` identities; put the backbone channels-last
+    (``channels_last``) and compile it (``compile``, ``compile_kwargs``) if asked."""
     model = instantiate(cfg.model, num_classes=num_classes, _convert_="all")
+    if resolve_channels_last(cfg.get("channels_last", False), cfg.trainer.get("accelerator", "auto")):
+        to_channels_last(model.backbone)
     if cfg.get("compile"):
-        model.backbone.compile()
+        compile_with_fallback(model.backbone, "backbone", **OmegaConf.to_container(cfg.get("compile_kwargs") or {}))
     return model
 
 

@@ -15,8 +15,17 @@ from torch.utils.data import DataLoader, Subset
 
 from reid_lightning.data.datasets.demo import prepare_demo
 from reid_lightning.data.image_dataset import ImageDataset, verify_images
-from reid_lightning.data.multi_dataset import DatasetEntry, combine_train_sets, load_entry, parse_entries
-from reid_lightning.data.samplers import SAMPLERS, build_identity_sampler, distributed_context
+from reid_lightning.data.multi_dataset import (
+    DatasetEntry,
+    combine_train_sets,
+    load_entry,
+    parse_entries,
+)
+from reid_lightning.data.samplers import (
+    SAMPLERS,
+    build_identity_sampler,
+    distributed_context,
+)
 from reid_lightning.data.samples import ReIDSplits, Sample
 from reid_lightning.data.seeded_sampler import SeededSampler
 from reid_lightning.data.transforms import build_test_transforms, build_train_transforms

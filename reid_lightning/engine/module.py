@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
+from reid_lightning.engine.finite_check import NonFiniteLossWatch
 from reid_lightning.engine.optim import build_optimizer, build_warmup_multistep
 from reid_lightning.evaluation import ReIDMetric, extract_features
 
@@ -92,6 +93,7 @@ class ReIDModule(pl.LightningModule):
         self.last_test_metrics_by_set: dict[str, dict[str, float]] = {}
         self.last_val_metrics: dict[str, float] = {}
         self.last_val_step: int | None = None
+        self.loss_watch = NonFiniteLossWatch()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Features of ``images`` (eval mode) with the optional flip test, in float32 unless
@@ -105,11 +107,12 @@ class ReIDModule(pl.LightningModule):
         outputs = self.model(batch["images"])
         loss_dict = self.model.losses(outputs, batch["targets"])
         total = sum(loss_dict.values())
-        if not torch.isfinite(total):
-            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict.items())
-            raise FloatingPointError(
-                f"Loss became infinite or NaN at iteration {self.global_step} (epoch {self.current_epoch}): {terms}"
-            )
+        # checked on the device; read (and failed) every log_every_n_steps and before validation,
+        # checkpoints and the end of training (every step when no trainer drives the module)
+        self.loss_watch.update(self.global_step, self.current_epoch, total, loss_dict)
+        every = max(1, self._trainer.log_every_n_steps) if self._trainer is not None else 1
+        if (self.global_step + 1) % every == 0:
+            self.loss_watch.check()
         batch_size = batch["images"].shape[0]
         for name, value in loss_dict.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
@@ -119,6 +122,12 @@ class ReIDModule(pl.LightningModule):
             metrics["cls_accuracy"] = (outputs["cls_logits"].detach().argmax(dim=1) == batch["targets"]).float().mean()
             self.log("train/cls_accuracy", metrics["cls_accuracy"], batch_size=batch_size)
         return {"loss": total, "loss_dict": {k: v.detach() for k, v in loss_dict.items()}, "metrics": metrics}
+
+    def on_train_epoch_end(self) -> None:
+        self.loss_watch.check()  # runs before ModelCheckpoint's on_train_epoch_end
+
+    def on_train_end(self) -> None:
+        self.loss_watch.check()
 
     def configure_optimizers(self) -> dict[str, Any]:
         opt_kwargs = {k: self.solver[k] for k in _OPTIMIZER_KEYS if k in self.solver}
@@ -163,7 +172,13 @@ class ReIDModule(pl.LightningModule):
 
     def _eval_epoch_end(self, metrics: nn.ModuleList, names: list[str], prefix: str) -> dict[str, dict[str, float]]:
         """Computes and logs every set's metrics: ``<prefix>/<metric>`` for the first set and,
-        with several sets, ``<prefix>/<set>/<metric>`` for each; returns them by set name."""
+        with several sets, ``<prefix>/<set>/<metric>`` for each; returns them by set name
+        (nothing during Lightning's sanity check, which ranks nothing)."""
+        if self._sanity_checking():
+            for metric in metrics:
+                metric.reset()
+            return {}
+        self._warn_partial_split(prefix)
         by_set = {}
         for position, (metric, set_name) in enumerate(zip(metrics, names)):
             results = {k: float(v) for k, v in metric.compute().items()}
@@ -176,6 +191,9 @@ class ReIDModule(pl.LightningModule):
                     self.log(f"{key}/{name}", value, prog_bar=key == prefix and name in ("mAP", "rank1"),
                              sync_dist=False, rank_zero_only=False)
         return by_set
+
+    def on_validation_start(self) -> None:
+        self.loss_watch.check()
 
     def on_validation_epoch_start(self) -> None:
         self._eval_samples = 0

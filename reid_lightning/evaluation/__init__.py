@@ -2,9 +2,9 @@
 
 from .distance import GalleryDistance, compute_distance
 from .features import extract_features
+from .memory import available_bytes, ensure_fits
 from .metric import ReIDMetric
 from .query_expansion import average_query_expansion
-from .memory import available_bytes, ensure_fits
 from .ranking import evaluate_rank, per_query_metrics, rank_queries
 from .rerank import k_reciprocal_rerank, rerank_memory_bytes
 from .verification import tpr_at_fpr

@@ -16,7 +16,13 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 from .distance import METRICS, compute_distance
 from .memory import ensure_fits
 from .query_expansion import average_query_expansion
-from .ranking import chunk_plan, metrics_from_sums, per_query_metrics, rank_queries, rank_sums
+from .ranking import (
+    chunk_plan,
+    metrics_from_sums,
+    per_query_metrics,
+    rank_queries,
+    rank_sums,
+)
 from .rerank import k_reciprocal_rerank
 from .verification import tpr_at_fpr
 

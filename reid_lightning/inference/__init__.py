@@ -4,7 +4,13 @@
 ``scripts/extract.py``, ``scripts/export.py`` and ``scripts/search.py`` run the functions of
 :mod:`reid_lightning.cli.inference`.
 """
-from .export import ONNX_OPSET, ExportCheckError, export_model, verify_export, write_model_info
+from .export import (
+    ONNX_OPSET,
+    ExportCheckError,
+    export_model,
+    verify_export,
+    write_model_info,
+)
 from .extractor import FeatureExtractor, FolderFeatures, InferenceModel
 from .image_files import ImageFiles, collect_image_files, market_labels
 from .search import search_gallery

@@ -24,10 +24,14 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from reid_lightning.data.image_dataset import read_image
-from reid_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transforms
 from reid_lightning.checkpointing.load import load_checkpoint
 from reid_lightning.checkpointing.saved_model import rebuild_model
+from reid_lightning.data.image_dataset import read_image
+from reid_lightning.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_test_transforms,
+)
 from reid_lightning.evaluation import extract_features
 from reid_lightning.inference.image_files import ImageFiles, collect_image_files
 from reid_lightning.inference.progress import images_progress

@@ -7,7 +7,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from reid_lightning.data.datasets.layout import list_images, relabel, warn_query_without_gallery
+from reid_lightning.data.datasets.layout import (
+    list_images,
+    relabel,
+    warn_query_without_gallery,
+)
 from reid_lightning.data.samples import ReIDSplits, Sample
 
 MARKET_PATTERN = re.compile(r"([-\d]+)_c(\d)")

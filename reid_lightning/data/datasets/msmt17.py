@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reid_lightning.data.datasets.layout import DATA_ROOT_HINT, relabel, warn_query_without_gallery
+from reid_lightning.data.datasets.layout import (
+    DATA_ROOT_HINT,
+    relabel,
+    warn_query_without_gallery,
+)
 from reid_lightning.data.samples import ReIDSplits, Sample
 
 # version folder -> (train image folder, test image folder); V2 is tried first.

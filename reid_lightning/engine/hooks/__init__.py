@@ -7,7 +7,11 @@ how Lightning's callback calls become fast-reid's before/after train/epoch/step 
 from reid_lightning.engine.hooks.base import HookBase
 from reid_lightning.engine.hooks.build import build_hooks
 from reid_lightning.engine.hooks.callback import CallbackHook
-from reid_lightning.engine.hooks.events import EventStorage, HistoryBuffer, get_event_storage
+from reid_lightning.engine.hooks.events import (
+    EventStorage,
+    HistoryBuffer,
+    get_event_storage,
+)
 from reid_lightning.engine.hooks.layer_freeze import LayerFreeze
 from reid_lightning.engine.hooks.precise_bn import PreciseBN, update_bn_stats
 from reid_lightning.engine.hooks.profiler import TorchProfiler

@@ -11,10 +11,11 @@ weak-keyed table, so nothing is added to the Trainer) and:
   at the ``on_train_batch_end`` of the batch in which Lightning's ``global_step`` advanced;
 * before any ``after_step``, puts the step's scalars at ``storage.iter == trainer.iter``:
   ``total_loss`` (``outputs["loss"]``, un-normalised under gradient accumulation), every
-  ``outputs["loss_dict"]`` and ``outputs["metrics"]`` entry (e.g. ``cls_accuracy``), ``lr``
-  (first parameter group of the first optimizer, as used by the step), ``data_time`` (time
-  outside Lightning's batch hooks: loader and transfer) and ``time`` (time inside them), each
-  averaged/summed over the step's micro-batches;
+  ``outputs["loss_dict"]`` and ``outputs["metrics"]`` entry (e.g. ``cls_accuracy``; tensors left
+  on their device: the storage reads them when a writer asks, so a step does not wait for the
+  device), ``lr`` (first parameter group of the first optimizer, as used by the step),
+  ``data_time`` (time outside Lightning's batch hooks: loader and transfer) and ``time`` (time
+  inside them), each averaged/summed over the step's micro-batches;
 * after the last hook's ``after_step`` (and after the last ``after_epoch``/``after_train``), sends
   the scalars put at that iteration to the Lightning loggers with ``logger.log_metrics`` on global
   rank 0 (no collective call, so no DDP deadlock) every ``log_every_n_steps`` steps. The values
@@ -37,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from reid_lightning.engine.hooks.events import EventStorage
 from reid_lightning.engine.hooks.view import TrainerView
@@ -227,7 +228,7 @@ class HookAdapter:
         if not self._closing:
             self._step_time += time.perf_counter() - self._batch_start
             return
-        scalars = self._step_losses()  # waits for the device: include it in the step time
+        scalars: dict[str, Any] = self._step_losses()
         self._step_time += time.perf_counter() - self._batch_start
         if self._lr is not None:
             scalars["lr"] = self._lr
@@ -263,27 +264,28 @@ class HookAdapter:
                 for name, value in values.items():
                     self._parts.setdefault(str(name), []).append(value)
 
-    def _step_losses(self) -> dict[str, float]:
-        """Mean over the step's micro-batches of every collected loss, as floats. ``total_loss``
-        is un-normalised from Lightning's division by the gradient accumulation."""
+    def _step_losses(self) -> dict[str, Any]:
+        """Mean over the step's micro-batches of every collected loss (a tensor stays a tensor on
+        its device, unread). ``total_loss`` is un-normalised from Lightning's division by the
+        gradient accumulation."""
         parts, self._parts = self._parts, {}
         self._loss_names.update(parts)
-        result = {name: sum(values) / len(values) for name, values in _as_floats(parts).items()}
-        if "total_loss" in result:
-            result["total_loss"] *= self._loss_scale
+        result = {name: _mean(values) for name, values in parts.items()}
+        if "total_loss" in result and self._loss_scale != 1.0:
+            result["total_loss"] = result["total_loss"] * self._loss_scale
         return result
 
     # ------------------------------------------------------------------ loggers
     def _flush(self, iteration: int, due: bool) -> None:
         """Send the scalars put at ``iteration`` and not sent before to the loggers when ``due``
-        (and the histograms put so far)."""
+        (and the histograms put so far). The losses are not sent, so their tensors stay unread."""
         if due:
             self._write_histograms()
-        fresh = {
-            name: value
-            for name, (value, itr) in self.storage.latest().items()
+        fresh = [
+            name
+            for name, itr in self.storage.latest_iterations().items()
             if itr == iteration and self._handled.get(name) != itr
-        }
+        ]
         if not fresh:
             return
         for name in fresh:
@@ -291,7 +293,8 @@ class HookAdapter:
         trainer = self.pl_trainer
         if not (due and trainer.loggers and trainer.is_global_zero):
             return
-        metrics = {name: value for name, value in fresh.items() if name not in self._loss_names}
+        storage = self.storage
+        metrics = {name: storage.history(name).latest() for name in fresh if name not in self._loss_names}
         if metrics:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=iteration)
@@ -310,24 +313,14 @@ class HookAdapter:
         self.storage.clear_histograms()
 
 
-def _as_floats(parts: dict[str, list[Any]]) -> dict[str, list[float]]:
-    """``parts`` with every value (number or tensor; a tensor of several elements counts as its
-    mean) as a float: ``.item()`` on the CPU, one stacked copy per accelerator device."""
-    out: dict[str, list[float]] = {}
-    on_device: dict[torch.device, list[tuple[list[float], int, torch.Tensor]]] = {}
-    for name, values in parts.items():
-        floats = out[name] = [0.0] * len(values)
-        for i, value in enumerate(values):
-            if not torch.is_tensor(value):
-                floats[i] = float(value)
-                continue
-            value = value.detach() if value.numel() == 1 else value.detach().float().mean()
-            if value.device.type == "cpu":
-                floats[i] = value.item()
-            else:
-                on_device.setdefault(value.device, []).append((floats, i, value.reshape(())))
-    for entries in on_device.values():
-        numbers = torch.stack([value for _, _, value in entries]).tolist()
-        for (floats, i, _), number in zip(entries, numbers):
-            floats[i] = number
-    return out
+def _mean(values: list[Any]) -> Any:
+    """Mean of numbers or tensors (a tensor of several elements counts as its mean), computed
+    where the tensors live, without reading them."""
+    items = [_scalar(v) for v in values]
+    return items[0] if len(items) == 1 else sum(items) / len(items)
+
+
+def _scalar(value: Any) -> Any:
+    if not torch.is_tensor(value):
+        return float(value)
+    return value.detach() if value.numel() == 1 else value.detach().float().mean()

@@ -8,6 +8,9 @@ process can reach it::
     storage.history("loss_cls").median(20)        # smoothed value for printing
 
 Writers (``PeriodicWriter``) read the storage; producers (the adapter, hooks, the model) only put.
+A tensor put on an accelerator stays there until something reads its history: reading converts
+every pending value of the storage at once (one host-device copy per device), so a training
+loop that reads only every ``period`` steps waits for the device only then.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from typing import Any
 import torch
 
 _STORAGE_STACK: list[EventStorage] = []
+# a buffer converts its unread tensors once it holds this many (bounds the memory they hold)
+_MAX_PENDING = 1024
 
 
 def get_event_storage() -> EventStorage:
@@ -45,7 +50,8 @@ class HistoryBuffer:
     """The recent values of one scalar, with their iterations, plus a running global average.
 
     ``buf.update(0.5, iteration=3)``; ``buf.latest()``; ``buf.median(20)``; ``buf.avg(20)``;
-    ``buf.global_avg()``; ``buf.values()`` -> ``[(value, iteration), ...]``.
+    ``buf.global_avg()``; ``buf.values()`` -> ``[(value, iteration), ...]``. A one-element tensor
+    given to ``update`` is kept as it is and converted to a float when the buffer is first read.
 
     Args:
         max_length: number of values kept; older ones are dropped (the global average keeps them).
@@ -56,20 +62,47 @@ class HistoryBuffer:
             raise ValueError(f"HistoryBuffer max_length must be >= 1, got {max_length}")
         self._max_length = max_length
         self._data: deque[tuple[float, float]] = deque(maxlen=max_length)
+        self._pending: list[tuple[torch.Tensor, float]] = []
         self._count = 0
         self._global_avg = 0.0
 
-    def update(self, value: float, iteration: float | None = None) -> None:
-        """Append ``value`` recorded at ``iteration`` (default: the number of updates so far)."""
+    def update(self, value: float | torch.Tensor, iteration: float | None = None) -> None:
+        """Append ``value`` (a number, or a one-element tensor kept unread until the buffer is
+        read) recorded at ``iteration`` (default: the number of updates so far)."""
         if iteration is None:
-            iteration = self._count
-        self._data.append((float(value), iteration))
+            iteration = self._count + len(self._pending)
+        if torch.is_tensor(value):
+            if value.numel() != 1:
+                raise ValueError(f"HistoryBuffer takes one-element tensors, got shape {tuple(value.shape)}")
+            self._pending.append((value.detach().reshape(()), iteration))
+            if len(self._pending) >= _MAX_PENDING:
+                self.materialize()
+            return
+        self.materialize()
+        self._append(float(value), iteration)
+
+    def _append(self, value: float, iteration: float) -> None:
+        self._data.append((value, iteration))
         self._count += 1
-        self._global_avg += (float(value) - self._global_avg) / self._count
+        self._global_avg += (value - self._global_avg) / self._count
+
+    def pending(self) -> list[tuple[torch.Tensor, float]]:
+        """The tensors put and not read yet, with their iterations, oldest first."""
+        return list(self._pending)
+
+    def materialize(self, values: list[float] | None = None) -> None:
+        """Convert the pending tensors to floats (``values``: their numbers, already read)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        numbers = values if values is not None else tensors_to_floats([t for t, _ in pending])
+        for number, (_, iteration) in zip(numbers, pending):
+            self._append(number, iteration)
 
     def _window(self, window_size: int) -> list[float]:
         if window_size < 1:
             raise ValueError(f"window_size must be >= 1, got {window_size}")
+        self.materialize()
         if not self._data:
             raise ValueError("HistoryBuffer is empty")
         start = max(0, len(self._data) - window_size)
@@ -77,6 +110,7 @@ class HistoryBuffer:
 
     def latest(self) -> float:
         """The most recent value."""
+        self.materialize()
         if not self._data:
             raise ValueError("HistoryBuffer is empty")
         return self._data[-1][0]
@@ -91,14 +125,29 @@ class HistoryBuffer:
 
     def global_avg(self) -> float:
         """Mean of every value ever added, including those dropped from the buffer."""
+        self.materialize()
         return self._global_avg
 
     def values(self) -> list[tuple[float, float]]:
         """The kept ``(value, iteration)`` pairs, oldest first."""
+        self.materialize()
         return list(self._data)
 
     def __len__(self) -> int:
-        return len(self._data)
+        return min(self._max_length, len(self._data) + len(self._pending))
+
+
+def tensors_to_floats(tensors: list[torch.Tensor]) -> list[float]:
+    """The numbers of one-element ``tensors``, read with one stacked copy per device."""
+    out = [0.0] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        by_device.setdefault(tensor.device, []).append(i)
+    for positions in by_device.values():
+        numbers = torch.stack([tensors[i].reshape(()).float() for i in positions]).tolist()
+        for i, number in zip(positions, numbers):
+            out[i] = number
+    return out
 
 
 class EventStorage:
@@ -134,12 +183,13 @@ class EventStorage:
 
         Args:
             name: scalar name; prefixed by the active :meth:`name_scope`.
-            value: converted with ``float``.
+            value: a number (converted with ``float``) or a one-element tensor, kept on its device
+                until the storage is read (see :meth:`materialize`).
             smoothing_hint: whether writers should smooth this scalar (median over a window);
                 must stay the same for a name.
         """
         name = self._prefix + name
-        value = float(value)
+        value = value.detach() if torch.is_tensor(value) else float(value)
         hint = self._smoothing_hints.setdefault(name, smoothing_hint)
         if hint != smoothing_hint:
             raise ValueError(f"Scalar {name!r} was put with smoothing_hint={hint} before, now {smoothing_hint}")
@@ -151,6 +201,18 @@ class EventStorage:
         for name, value in kwargs.items():
             self.put_scalar(name, value, smoothing_hint=smoothing_hint)
 
+    def materialize(self) -> None:
+        """Convert every tensor put and not read yet to a float, with one copy per device."""
+        buffers = [buf for buf in self._history.values() if buf.pending()]
+        if not buffers:
+            return
+        pending = [buf.pending() for buf in buffers]
+        numbers = tensors_to_floats([tensor for entries in pending for tensor, _ in entries])
+        start = 0
+        for buf, entries in zip(buffers, pending):
+            buf.materialize(numbers[start : start + len(entries)])
+            start += len(entries)
+
     def history(self, name: str) -> HistoryBuffer:
         """The :class:`HistoryBuffer` of ``name``.
 
@@ -160,22 +222,30 @@ class EventStorage:
         buffer = self._history.get(name)
         if buffer is None:
             raise KeyError(f"No history metric available for {name!r}; known: {sorted(self._history)}")
+        self.materialize()
         return buffer
 
     def histories(self) -> dict[str, HistoryBuffer]:
         """All histories by name."""
+        self.materialize()
         return dict(self._history)
 
     def latest(self) -> dict[str, tuple[float, int]]:
         """``{name: (latest value, iteration it was put at)}`` for every scalar."""
-        return dict(self._latest_scalars)
+        self.materialize()
+        return {name: (self._history[name].latest(), itr) for name, (_, itr) in self._latest_scalars.items()}
+
+    def latest_iterations(self) -> dict[str, int]:
+        """``{name: iteration of its latest value}`` for every scalar; reads no value."""
+        return {name: itr for name, (_, itr) in self._latest_scalars.items()}
 
     def latest_with_smoothing_hint(self, window_size: int = 20) -> dict[str, tuple[float, int]]:
         """Like :meth:`latest`, with scalars put with ``smoothing_hint=True`` replaced by the median
         of their last ``window_size`` values."""
+        self.materialize()
         return {
-            name: (self._history[name].median(window_size) if self._smoothing_hints[name] else value, itr)
-            for name, (value, itr) in self._latest_scalars.items()
+            name: (self._history[name].median(window_size) if self._smoothing_hints[name] else self._history[name].latest(), itr)
+            for name, (_, itr) in self._latest_scalars.items()
         }
 
     def smoothing_hints(self) -> dict[str, bool]:

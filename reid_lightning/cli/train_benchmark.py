@@ -1,0 +1,239 @@
+"""Training throughput in three modes, the body of ``scripts/benchmark_train.py``.
+
+* ``loader``: the training loader alone (decode + BoT transforms + collate), images/s for each
+  worker count;
+* ``step``: forward + losses + backward + optimizer step on one batch already on the device (the
+  bare limit of the model);
+* ``fit``: ``ReIDModule`` under our ``pl.Trainer`` with the configured hooks and progress bar, on
+  the same data, timed as fast-reid's IterationTimer does: from the end of the last warm-up step
+  to the end of the last step, after every hook (``after_step``), with ``torch.cuda.synchronize``
+  at both ends; validation and checkpoints are left out.
+
+Called as::
+
+    cfg = benchmark_config(model="bot_r18", height=96, width=48, batch=32, device="cpu", ...)
+    print(json.dumps(time_step(cfg, iters=50, warmup=10)))
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from reid_lightning.cli.train import build_datamodule, build_model, build_trainer
+from reid_lightning.engine.hooks import HookBase, build_hooks
+from reid_lightning.engine.module import ReIDModule
+from reid_lightning.engine.optim import build_optimizer
+from reid_lightning.engine.progress import IntervalRichProgressBar
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def benchmark_config(
+    model: str = "bot_r50",
+    height: int = 256,
+    width: int = 128,
+    batch: int = 64,
+    device: str = "cpu",
+    precision: str = "32",
+    channels_last: bool = False,
+    compile: bool = False,
+    workers: int = 2,
+    data: str = "demo",
+    data_dir: str = "datasets",
+    output_dir: str = "outputs/benchmark_train",
+    overrides: list[str] | None = None,
+) -> DictConfig:
+    """Compose ``conf/train.yaml`` for a benchmark run.
+
+    Args:
+        model: a ``conf/model`` option (``bot_r18``, ``bot_r50``...); initialised randomly.
+        height: input height.
+        width: input width.
+        batch: global batch (16 or more identities x 4 images in the BoT recipe).
+        device: ``cpu`` or ``cuda``.
+        precision: Lightning precision (``32``, ``bf16-mixed``, ``16-mixed``).
+        channels_last: backbone in channels-last memory format.
+        compile: ``torch.compile`` the backbone (with its eager fallback).
+        workers: loader worker processes.
+        data: ``demo`` (the embedded demo set under ``data_dir``) or a folder in Market-1501 layout.
+        data_dir: data root of the demo set.
+        output_dir: where the trainer may write.
+        overrides: further Hydra overrides, e.g. ``["data.persistent_workers=false"]``.
+    """
+    is_demo = data == "demo"
+    args = [
+        f"model={model}", "model.pretrained=none", "data=demo" if is_demo else "data=folder",
+        f"paths.data_dir={data_dir if is_demo else data}", f"data.height={height}", f"data.width={width}",
+        f"data.batch_size={batch}", f"data.num_workers={workers}",
+        f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", f"trainer.precision={precision}",
+        f"channels_last={str(channels_last).lower()}", f"compile={str(compile).lower()}",
+        *(overrides or []),
+    ]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=args)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _summary(mode: str, cfg: DictConfig, images: int, seconds: float, iters: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "mode": mode, "images_per_s": round(images / seconds, 2), "s_per_iter": round(seconds / max(1, iters), 5),
+        "iters": iters, "device": "cuda" if cfg.trainer.accelerator == "gpu" else "cpu",
+        "precision": str(cfg.trainer.precision), "model": cfg.model.get("depth"), "batch": cfg.data.batch_size,
+        "size": [cfg.data.height, cfg.data.width], "channels_last": bool(cfg.channels_last),
+        "compile": bool(cfg.compile), "threads": torch.get_num_threads(), **extra,
+    }
+
+
+def _batches(loader: torch.utils.data.DataLoader) -> Iterator[dict[str, Any]]:
+    """The loader's batches, epoch after epoch."""
+    epoch = 0
+    while True:
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def time_loader(cfg: DictConfig, iters: int, warmup: int, worker_counts: list[int]) -> dict[str, Any]:
+    """Images/s of the training loader for each worker count (after ``warmup`` batches).
+
+    Returns:
+        the summary of the fastest count, with ``by_workers`` (``{count: images/s}``).
+    """
+    by_workers: dict[int, float] = {}
+    for workers in worker_counts:
+        with open_dict(cfg):
+            cfg.data.num_workers = workers
+        loader = build_datamodule(cfg.data).build_train_loader(0, 1)
+        batches = _batches(loader)
+        for _ in range(warmup):
+            next(batches)
+        start, images = time.perf_counter(), 0
+        for _ in range(iters):
+            images += len(next(batches)["targets"])
+        by_workers[workers] = images / (time.perf_counter() - start)
+        del batches, loader
+    best = max(by_workers, key=by_workers.get)
+    seconds = cfg.data.batch_size * iters / by_workers[best]
+    return _summary("loader", cfg, cfg.data.batch_size * iters, seconds, iters, workers=best,
+                    by_workers={str(k): round(v, 2) for k, v in by_workers.items()})
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "16-mixed":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return nullcontext()
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    return torch.device("cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
+
+
+def time_step(cfg: DictConfig, iters: int, warmup: int) -> dict[str, Any]:
+    """Images/s of the bare training step on one batch of the training loader, already on the device."""
+    device = _device(cfg)
+    datamodule = build_datamodule(cfg.data)
+    batch = next(iter(datamodule.build_train_loader(0, 1)))
+    images, targets = batch["images"].to(device), batch["targets"].to(device)
+    model = build_model(cfg, datamodule.num_classes).to(device).train()
+    optimizer = build_optimizer(model, name=cfg.solver.optimizer, base_lr=cfg.solver.base_lr,
+                                weight_decay=cfg.solver.weight_decay)
+    precision = str(cfg.trainer.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
+
+    def step() -> None:
+        with _autocast(device, precision):
+            outputs = model(images)
+        loss = sum(model.losses(outputs, targets).values())
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    return _summary("step", cfg, len(targets) * iters, seconds, iters)
+
+
+class _FitClock(HookBase):
+    """Wall time from the ``after_step`` of iteration ``start`` to that of iteration ``end``
+    (synchronising CUDA at both); registered after every other hook."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start, self.end = start, end
+        self.t0 = self.t1 = math.nan
+
+    def after_step(self) -> None:
+        iteration = self.trainer.iter
+        if iteration in (self.start, self.end):
+            _synchronize(self.trainer.pl_module.device)
+            now = time.perf_counter()
+            if iteration == self.start:
+                self.t0 = now
+            else:
+                self.t1 = now
+
+
+def time_fit(cfg: DictConfig, iters: int, warmup: int) -> dict[str, Any]:
+    """Images/s of ``trainer.fit`` for ``warmup + iters`` steps, the last ``iters`` timed.
+
+    The trainer is built as ``scripts/train.py`` builds it, with the config's hooks and progress
+    bar and without validation, checkpoints or loggers. Epoch boundaries fall inside the timed
+    window when an epoch is shorter than it (the demo set: 1,180 images).
+    """
+    datamodule = build_datamodule(cfg.data)
+    model = build_model(cfg, datamodule.num_classes)
+    module = ReIDModule(model, solver=cfg.solver, cfg=None)
+    clock = _FitClock(start=max(0, warmup - 1), end=max(0, warmup - 1) + iters)
+    callbacks = [IntervalRichProgressBar(), *build_hooks(cfg.get("hooks")), clock]
+    with open_dict(cfg):
+        cfg.trainer.max_steps = clock.end + 1
+        cfg.trainer.max_epochs = 1_000_000
+        cfg.trainer.limit_val_batches = 0
+        cfg.trainer.enable_checkpointing = False
+        cfg.trainer.enable_model_summary = False
+    trainer = build_trainer(cfg, callbacks, loggers=[])
+    trainer.fit(module, datamodule=datamodule)
+    seconds = clock.t1 - clock.t0
+    return _summary("fit", cfg, cfg.data.batch_size * iters, seconds, iters, workers=cfg.data.num_workers,
+                    epochs=trainer.current_epoch)
+
+
+def fit_over_step(fit: dict[str, Any], *steps: dict[str, Any]) -> dict[str, Any]:
+    """``fit`` with ``fit_over_step``: its images/s over the bare step's (the mean of ``steps``,
+    e.g. timed before and after the fit), and ``step_images_per_s`` (each of ``steps``)."""
+    step_rates = [step["images_per_s"] for step in steps]
+    mean = sum(step_rates) / len(step_rates)
+    return {**fit, "fit_over_step": round(fit["images_per_s"] / mean, 4), "step_images_per_s": step_rates}
+
+
+def seed(value: int = 0) -> None:
+    """Seed every generator (the identity sampler draws from the config's own seed)."""
+    pl.seed_everything(value, workers=True, verbose=False)
+

@@ -1,0 +1,70 @@
+"""Training throughput: the loader, the bare training step and our trainer end to end.
+
+    python scripts/benchmark_train.py --mode all --model bot_r18 --height 96 --width 48 --batch 32
+    python scripts/benchmark_train.py --mode fit --model bot_r50 --device cuda --precision bf16-mixed \
+        --channels-last --workers 8 --data /data/market1501
+
+Each mode prints one JSON line: ``mode``, ``images_per_s``, ``s_per_iter``, ``iters``, ``device``,
+``precision`` and the settings; ``loader`` adds ``by_workers`` (images/s for each count of
+``--workers 0,2,4``), ``fit`` adds ``fit_over_step`` (its images/s over the bare step's, the step
+timed in the same process before and after the fit, averaged). ``--mode fit`` prints the step's
+line first. See :mod:`reid_lightning.cli.train_benchmark` for what each mode times.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from reid_lightning.engine import train_benchmark as bench
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", choices=["loader", "step", "fit", "all"], default="all")
+    parser.add_argument("--model", default="bot_r50", help="a conf/model option (random init)")
+    parser.add_argument("--height", type=int, default=256)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=64, help="global batch (identities x 4)")
+    parser.add_argument("--iters", type=int, default=50, help="timed iterations")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed iterations before them")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precision", choices=["32", "bf16-mixed", "16-mixed"], default="32")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    parser.add_argument("--workers", default="2", help="loader workers; a list (0,2,4) for --mode loader")
+    parser.add_argument("--data", default="demo", help="demo, or a folder in Market-1501 layout")
+    parser.add_argument("--data-dir", default=os.environ.get("REID_DATA", "datasets"), help="root of the demo set")
+    parser.add_argument("--output-dir", default="outputs/benchmark_train")
+    parser.add_argument("overrides", nargs="*", help="further Hydra overrides of conf/train.yaml")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    worker_counts = [int(n) for n in args.workers.split(",")]
+    cfg = bench.benchmark_config(
+        model=args.model, height=args.height, width=args.width, batch=args.batch, device=args.device,
+        precision=args.precision, channels_last=args.channels_last, compile=args.compile,
+        workers=worker_counts[-1], data=args.data, data_dir=args.data_dir, output_dir=args.output_dir,
+        overrides=args.overrides,
+    )
+    modes = ["loader", "step", "fit"] if args.mode == "all" else [args.mode]
+    step = None
+    for mode in modes:
+        bench.seed(0)
+        if mode == "loader":
+            print(json.dumps(bench.time_loader(cfg.copy(), args.iters, args.warmup, worker_counts)), flush=True)
+            continue
+        if step is None:
+            step = bench.time_step(cfg, args.iters, args.warmup)
+            print(json.dumps(step), flush=True)
+        if mode == "fit":
+            fit = bench.time_fit(cfg, args.iters, args.warmup)
+            bench.seed(0)
+            # the step again after the fit: on a shared machine the load drifts between the two
+            step_after = bench.time_step(cfg, args.iters, args.warmup)
+            print(json.dumps(bench.fit_over_step(fit, step, step_after)), flush=True)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The training-speed switches: unread losses in the hook storage, the on-device finite check, the
+progress bar's metric interval, channels-last and compile with its fallback."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_train, run_script
+from hooks_support import TinyModule, make_trainer
+from pytorch_lightning.callbacks import RichProgressBar
+
+from reid_lightning.cli.train import build_model
+from reid_lightning.engine.finite_check import NonFiniteLossWatch
+from reid_lightning.engine.hooks import HookBase, PeriodicWriter
+from reid_lightning.engine.hooks.events import EventStorage
+from reid_lightning.engine.model_speed import (
+    compile_with_fallback,
+    resolve_channels_last,
+)
+from reid_lightning.engine.progress import IntervalRichProgressBar
+
+
+def test_storage_keeps_tensors_unread_until_a_reader_asks(monkeypatch) -> None:
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or real_tolist(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: pytest.fail("a put tensor was read with .item()"))
+    with EventStorage() as storage:
+        for i in range(5):
+            storage.iter = i
+            storage.put_scalars(loss=torch.tensor(float(i)), acc=torch.tensor([0.5 * i]))
+            storage.put_scalar("lr", 0.1)
+        assert reads == []
+        pending = storage._history["loss"].pending()
+        assert [itr for _, itr in pending] == [0, 1, 2, 3, 4] and all(torch.is_tensor(t) for t, _ in pending)
+        assert storage.latest_iterations() == {"loss": 4, "acc": 4, "lr": 4}
+        assert len(storage._history["loss"]) == 5
+        # the first read converts every pending value of the storage with one copy
+        assert storage.history("loss").values() == [(float(i), i) for i in range(5)]
+        assert reads == [(10,)]
+        assert storage.history("acc").latest() == 2.0 and storage.history("acc").global_avg() == 1.0
+        assert storage.latest() == {"loss": (4.0, 4), "acc": (2.0, 4), "lr": (0.1, 4)}
+        assert storage.latest_with_smoothing_hint(3)["loss"] == (3.0, 4)
+        with pytest.raises(ValueError, match=r"one-element tensors, got shape \(2,\)"):
+            storage.history("loss").update(torch.zeros(2))
+
+
+class PendingLosses(HookBase):
+    """Records how many ``total_loss`` values the storage holds unread at each ``after_step``."""
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+
+    def after_step(self) -> None:
+        self.pending.append(len(self.trainer.storage._history["total_loss"].pending()))
+
+
+def test_the_hooks_leave_step_losses_on_the_device_until_the_writer_reads_them(tmp_path: Path) -> None:
+    probe = PendingLosses()
+    writer = PeriodicWriter(period=4)
+    module = TinyModule(batches=6)
+    make_trainer(tmp_path, [writer, probe], max_epochs=1).fit(module)
+    # the writer (first) reads at iterations 3 (period) and 5 (last); the losses between stay tensors
+    assert probe.pending == [1, 2, 3, 0, 1, 0]
+    values = [value for value, _ in writer.trainer.storage.history("total_loss").values()]
+    assert values == pytest.approx(module.batch_losses)
+
+
+def test_the_finite_watch_names_the_first_non_finite_iteration_when_read() -> None:
+    watch = NonFiniteLossWatch()
+    finite = {"loss_cls": torch.tensor(1.0), "loss_triplet": torch.tensor(0.5)}
+    watch.update(0, 0, torch.tensor(1.5), finite)
+    watch.check()
+    nan = {"loss_cls": torch.tensor(float("nan")), "loss_triplet": torch.tensor(0.25)}
+    watch.update(7, 1, torch.tensor(float("nan")), nan)
+    watch.update(8, 1, torch.tensor(float("inf")), {"loss_cls": torch.tensor(float("inf")), "loss_triplet": torch.tensor(0.0)})
+    with pytest.raises(FloatingPointError, match=r"at iteration 7 \(epoch 1\): loss_cls=nan, loss_triplet=0.25$"):
+        watch.check()
+
+
+def test_the_progress_bar_reads_metrics_every_n_steps(tmp_path: Path, monkeypatch) -> None:
+    reads = []
+    real = RichProgressBar._update_metrics
+    monkeypatch.setattr(RichProgressBar, "_update_metrics", lambda self, t, m: reads.append(t.global_step) or real(self, t, m))
+    bar = IntervalRichProgressBar(metrics_every_n_steps=3)
+    make_trainer(tmp_path, [bar], max_epochs=1, enable_progress_bar=True).fit(TinyModule(batches=7))
+    train_reads = [step for step in reads if step in (3, 6)]
+    assert train_reads == [3, 6]
+    assert not any(step in (1, 2, 4, 5, 7) for step in reads[:-1])
+    with pytest.raises(ValueError, match="metrics_every_n_steps must be >= 1"):
+        IntervalRichProgressBar(metrics_every_n_steps=0)
+
+
+TINY_MODEL = ["model=bot_r18", "model.pretrained=none"]
+
+
+def _train_once(model: torch.nn.Module) -> torch.Tensor:
+    model.train()
+    images = torch.randn(4, 3, 32, 16)
+    loss = sum(model.losses(model(images), torch.tensor([0, 0, 1, 1])).values())
+    loss.backward()
+    model.eval()
+    with torch.no_grad():
+        return model(images)
+
+
+def test_channels_last_and_compile_switches_compose_and_run(tmp_path: Path) -> None:
+    cfg = compose_train([*TINY_MODEL, "channels_last=true", "compile=true", "+compile_kwargs.backend=eager"], tmp_path)
+    model = build_model(cfg, num_classes=2)
+    conv = model.backbone.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert model.backbone._compiled_call_impl is not None
+    assert torch.isfinite(_train_once(model)).all()
+    assert set(model.state_dict()) == set(build_model(compose_train(TINY_MODEL, tmp_path), 2).state_dict())
+    # auto: on only when a GPU trains
+    assert resolve_channels_last("auto", "cpu") is False
+    assert resolve_channels_last("auto", "gpu") is torch.cuda.is_available()
+    with pytest.raises(ValueError, match="channels_last must be true, false or auto, got 'yes'"):
+        resolve_channels_last("yes", "cpu")
+
+
+def _failing_backend(graph_module, example_inputs):
+    raise RuntimeError("no compiler here")
+
+
+def _seeded_output(model: torch.nn.Module) -> torch.Tensor:
+    torch.manual_seed(1)
+    return _train_once(model)
+
+
+def test_compile_falls_back_to_eager_with_a_message(tmp_path: Path, caplog) -> None:
+    torch.manual_seed(0)
+    eager = _seeded_output(build_model(compose_train(TINY_MODEL, tmp_path), num_classes=2))
+
+    cfg = compose_train([*TINY_MODEL, "compile=true", "+compile_kwargs.backend=no_such_backend"], tmp_path)
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="reid_lightning.engine.model_speed"):
+        model = build_model(cfg, num_classes=2)
+    assert "torch.compile of the backbone failed, so it runs without compile" in caplog.text
+    assert "no_such_backend" in caplog.text and model.backbone._compiled_call_impl is None
+    assert torch.equal(_seeded_output(model), eager)
+
+    # the compiler fails at the first call: that call and the later ones run eagerly
+    caplog.clear()
+    torch.manual_seed(0)
+    model = build_model(compose_train(TINY_MODEL, tmp_path), num_classes=2)
+    assert compile_with_fallback(model.backbone, "backbone", backend=_failing_backend)
+    with caplog.at_level(logging.WARNING, logger="reid_lightning.engine.model_speed"):
+        fallen_back = _seeded_output(model)
+    assert "torch.compile of the backbone failed" in caplog.text and "no compiler here" in caplog.text
+    assert model.backbone._compiled_call_impl is None
+    assert torch.equal(fallen_back, eager)
+
+
+@pytest.mark.slow
+def test_benchmark_train_prints_one_json_line_per_mode(tmp_path: Path) -> None:
+    small_demo = {"num_ids": 8, "images_per_id": 4, "num_distractors": 0, "num_junk": 2}
+    proc = run_script(
+        "benchmark_train.py",
+        ["--mode", "all", "--model", "bot_r18", "--height", "32", "--width", "16", "--batch", "8", "--iters", "3",
+         "--warmup", "1", "--workers", "0,1", "--data-dir", str(tmp_path / "data"),
+         "--output-dir", str(tmp_path / "out"), "--channels-last",
+         *(f"++data.dataset_kwargs.{key}={value}" for key, value in small_demo.items())],
+        cwd=tmp_path,
+    )
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [line["mode"] for line in lines] == ["loader", "step", "fit"]
+    for line in lines:
+        assert {"images_per_s", "iters", "device", "precision"} <= set(line) and line["images_per_s"] > 0
+        assert (line["iters"], line["device"], line["precision"], line["channels_last"]) == (3, "cpu", "32", True)
+    assert set(lines[0]["by_workers"]) == {"0", "1"}
+    fit = lines[2]
+    step_rates = fit["step_images_per_s"]
+    assert len(step_rates) == 2 and step_rates[0] == lines[1]["images_per_s"]
+    assert fit["fit_over_step"] == pytest.approx(2 * fit["images_per_s"] / sum(step_rates), rel=1e-3)
+    # 2 batches of 8 per epoch (16 training images): the timed steps cross epoch boundaries
+    assert fit["epochs"] >= 1
