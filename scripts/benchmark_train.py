@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 
-from reid_lightning.engine import train_benchmark as bench
+from reid_lightning.cli import train_benchmark as bench
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

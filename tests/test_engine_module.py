@@ -7,6 +7,7 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import compose_train
 
 from reid_lightning.data import ReIDDataModule
 from reid_lightning.engine.hooks import CallbackHook
@@ -180,3 +181,20 @@ def test_bf16_mixed_evaluation_can_opt_into_autocast(small_data, tmp_path):
 def test_unknown_evaluation_precision_is_named():
     with pytest.raises(ValueError, match=r"evaluation.precision must be one of \['32', 'autocast'\].*got '16'"):
         ReIDModule(build_bot(num_classes=2, depth=18), evaluation={"precision": 16})
+
+
+@pytest.mark.parametrize(
+    ("group", "kwargs", "key"),
+    [("solver", {"solver": {"base_lrr": 1e-3}}, "base_lrr"), ("evaluation", {"evaluation": {"flipp": True}}, "flipp")],
+)
+def test_a_misspelt_solver_or_evaluation_key_is_an_error_naming_it(group, kwargs, key):
+    with pytest.raises(ValueError, match=rf"unknown {group} setting\(s\) \['{key}'\]"):
+        ReIDModule(build_bot(num_classes=2, depth=18), **kwargs)
+
+
+def test_the_real_solver_and_evaluation_configs_are_read_whole():
+    cfg = compose_train(["experiment=quickstart"])
+    module = ReIDModule(build_bot(num_classes=2, depth=18), solver=cfg.solver, evaluation=cfg.evaluation)
+    assert module.solver.milestones == tuple(cfg.solver.milestones)
+    assert module.solver.milestones_from == cfg.solver.milestones_from
+    assert module.evaluation.metric_kwargs()["max_chunk_mb"] == cfg.evaluation.max_chunk_mb

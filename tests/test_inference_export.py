@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from reid_lightning.inference import (
     ONNX_OPSET,

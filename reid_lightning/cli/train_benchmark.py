@@ -34,6 +34,7 @@ from reid_lightning.engine.hooks import HookBase, build_hooks
 from reid_lightning.engine.module import ReIDModule
 from reid_lightning.engine.optim import build_optimizer
 from reid_lightning.engine.progress import IntervalRichProgressBar
+from reid_lightning.engine.settings import SolverSettings
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -156,8 +157,7 @@ def time_step(cfg: DictConfig, iters: int, warmup: int) -> dict[str, Any]:
     batch = next(iter(datamodule.build_train_loader(0, 1)))
     images, targets = batch["images"].to(device), batch["targets"].to(device)
     model = build_model(cfg, datamodule.num_classes).to(device).train()
-    optimizer = build_optimizer(model, name=cfg.solver.optimizer, base_lr=cfg.solver.base_lr,
-                                weight_decay=cfg.solver.weight_decay)
+    optimizer = build_optimizer(model, **SolverSettings.from_mapping(cfg.solver).optimizer_kwargs())
     precision = str(cfg.trainer.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
 

@@ -24,17 +24,9 @@ from torch import nn
 
 from reid_lightning.engine.finite_check import NonFiniteLossWatch
 from reid_lightning.engine.optim import build_optimizer, build_warmup_multistep
+from reid_lightning.engine.settings import EvaluationSettings, SolverSettings
 from reid_lightning.evaluation import ReIDMetric, extract_features
 
-_OPTIMIZER_KEYS = (
-    "name", "base_lr", "weight_decay", "weight_decay_norm", "weight_decay_bias",
-    "bias_lr_factor", "momentum", "nesterov",
-)
-_SCHEDULE_KEYS = ("warmup_iters", "warmup_factor", "milestones", "gamma", "milestones_from")
-# evaluation.precision: "32" extracts features with autocast off; "autocast" keeps the trainer's
-_EVAL_PRECISIONS = ("32", "autocast")
-_METRIC_KEYS = ("metric", "max_rank", "rerank", "rerank_k1", "rerank_k2", "rerank_lambda", "aqe", "aqe_alpha", "aqe_k", "tpr_fprs",
-                "max_chunk_mb")
 
 
 class ReIDModule(pl.LightningModule):
@@ -44,11 +36,12 @@ class ReIDModule(pl.LightningModule):
         model: an nn.Module whose train-mode ``forward(images)`` returns the outputs that its
             ``losses(outputs, targets) -> dict[str, Tensor]`` consumes, and whose eval-mode
             ``forward(images)`` returns one feature vector per image (``Baseline`` does).
-        solver: optimizer and schedule settings (keys of ``conf/solver/bot.yaml``).
-        evaluation: test-time settings (keys of ``conf/evaluation/default.yaml``): ``flip``,
-            ``precision`` (``32``: evaluation features in float32 with autocast off, as
-            fast-reid; ``autocast``: in the trainer's mixed precision) plus the arguments of
-            :class:`ReIDMetric`.
+        solver: optimizer and schedule settings (keys of ``conf/solver/bot.yaml``, read into
+            :class:`~reid_lightning.engine.settings.SolverSettings`: an unknown key is an error).
+        evaluation: test-time settings (keys of ``conf/evaluation/default.yaml``, read into
+            :class:`~reid_lightning.engine.settings.EvaluationSettings`): ``flip``, ``precision``
+            (``32``: evaluation features in float32 with autocast off, as fast-reid; ``autocast``:
+            in the trainer's mixed precision) plus the arguments of :class:`ReIDMetric`.
         cfg: the resolved run config; stored in checkpoints as plain containers so that
             ``scripts/eval.py`` can rebuild the model, and exposed to hooks as ``trainer.cfg``.
         keep_eval_outputs: keep the ranked test data of the last test run in
@@ -72,20 +65,12 @@ class ReIDModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.model = model
-        self.solver = dict(solver or {})
-        self.evaluation = dict(evaluation or {})
+        self.solver = SolverSettings.from_mapping(solver or {})
+        self.evaluation = EvaluationSettings.from_mapping(evaluation or {})
         self.cfg = cfg
-        precision = str(self.evaluation.get("precision", "32"))
-        if precision not in _EVAL_PRECISIONS:
-            raise ValueError(
-                f"evaluation.precision must be one of {list(_EVAL_PRECISIONS)} (32: float32 features with autocast "
-                f"off; autocast: the trainer's mixed precision), got {precision!r}"
-            )
-        self.eval_autocast = precision == "autocast"
+        self.eval_autocast = self.evaluation.precision == "autocast"
         self._eval_samples = 0
-        metric_kwargs = {k: v for k, v in self.evaluation.items() if k in _METRIC_KEYS}
-        if "tpr_fprs" in metric_kwargs:
-            metric_kwargs["tpr_fprs"] = tuple(metric_kwargs["tpr_fprs"] or ())
+        metric_kwargs = self.evaluation.metric_kwargs()
         self.val_sets, self.test_sets = list(val_sets), list(test_sets)
         self.val_metrics = nn.ModuleList(ReIDMetric(**metric_kwargs) for _ in self.val_sets)
         self.test_metrics = nn.ModuleList(ReIDMetric(keep_outputs=keep_eval_outputs, **metric_kwargs) for _ in self.test_sets)
@@ -99,7 +84,7 @@ class ReIDModule(pl.LightningModule):
         """Features of ``images`` (eval mode) with the optional flip test, in float32 unless
         ``evaluation.precision=autocast``."""
         return extract_features(
-            self.model, images, flip=bool(self.evaluation.get("flip", False)), autocast=self.eval_autocast
+            self.model, images, flip=self.evaluation.flip, autocast=self.eval_autocast
         )
 
     # ------------------------------------------------------------------ training
@@ -130,12 +115,8 @@ class ReIDModule(pl.LightningModule):
         self.loss_watch.check()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        opt_kwargs = {k: self.solver[k] for k in _OPTIMIZER_KEYS if k in self.solver}
-        if "optimizer" in self.solver:
-            opt_kwargs["name"] = self.solver["optimizer"]
-        optimizer = build_optimizer(self.model, **opt_kwargs)
-        sched_kwargs = {k: self.solver[k] for k in _SCHEDULE_KEYS if k in self.solver}
-        scheduler = build_warmup_multistep(optimizer, iters_per_epoch=self._iters_per_epoch(), **sched_kwargs)
+        optimizer = build_optimizer(self.model, **self.solver.optimizer_kwargs())
+        scheduler = build_warmup_multistep(optimizer, iters_per_epoch=self._iters_per_epoch(), **self.solver.schedule_kwargs())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     def _iters_per_epoch(self) -> int:
