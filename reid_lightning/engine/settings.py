@@ -117,7 +117,7 @@ class EvaluationSettings:
         if precision not in EVAL_PRECISIONS:
             raise ValueError(
                 f"evaluation.precision must be one of {list(EVAL_PRECISIONS)} (32: float32 features with autocast "
-                f"off; autocast: the trainer's mixed precision), got {settings.precision!r}"
+                f"off; autocast: the trainer's mixed precision), got {precision!r}"
             )
         return dataclasses.replace(settings, precision=precision, tpr_fprs=tuple(settings.tpr_fprs or ()))
 
