@@ -12,6 +12,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import (
     HISTOGRAMS,
+    IMAGES,
     EventAccumulator,
 )
 
@@ -128,22 +129,27 @@ def test_storage_iter_and_epoch_follow_the_loop(tmp_path: Path) -> None:
     assert [e for event, _, e in seen if event == "before_epoch"] == [0, 1]
 
 
-def test_histograms_reach_tensorboard_and_are_then_cleared(tmp_path: Path) -> None:
+def test_histograms_and_images_reach_tensorboard_and_are_then_cleared(tmp_path: Path) -> None:
     pending: list[int] = []
 
     def put(view) -> None:
-        pending.append(len(view.storage.histograms))  # the previous step's were written and cleared
+        # the previous step's were written and cleared
+        pending.append(len(view.storage.histograms) + len(view.storage.images))
         view.storage.put_histogram("weights", view.model[0].weight, bins=10)
+        view.storage.put_image("weights_map", view.model[0].weight.detach().abs()[None] / 10)
 
     logger = TensorBoardLogger(tmp_path, name="tb")
     trainer = make_trainer(tmp_path, [CallbackHook(after_step=put)], logger=logger, log_every_n_steps=1)
     trainer.fit(TinyModule(batches=3))
     assert pending == [0] * 6
-    events = EventAccumulator(logger.log_dir, size_guidance={HISTOGRAMS: 0})
+    events = EventAccumulator(logger.log_dir, size_guidance={HISTOGRAMS: 0, IMAGES: 0})
     events.Reload()
     written = events.Histograms("weights")
     assert [h.step for h in written] == list(range(6))
     assert all(h.histogram_value.num == 16 * 8 for h in written)
+    pictures = events.Images("weights_map")
+    assert [p.step for p in pictures] == list(range(6))
+    assert {(p.height, p.width) for p in pictures} == {(16, 8)}  # the (16, 8) weight as a 1-channel image
 
 
 def test_hook_scalars_reach_the_lightning_logger(tmp_path: Path) -> None:

@@ -24,9 +24,9 @@ weak-keyed table, so nothing is added to the Trainer) and:
 
 The storage never needs an explicit ``step()``: its ``iter`` is set to ``trainer.iter`` when each
 step starts (detectron2's invariant), so values put in ``after_epoch`` land at the last step; its
-``epoch`` is set to ``trainer.epoch`` before the hooks' ``before_epoch``. Histograms put with
-``storage.put_histogram`` go to the TensorBoard loggers (global rank 0) when the scalars are sent,
-and are then cleared on every rank.
+``epoch`` is set to ``trainer.epoch`` before the hooks' ``before_epoch``. Histograms and images put
+with ``storage.put_histogram`` / ``storage.put_image`` go to the TensorBoard loggers (global rank
+0) when the scalars are sent, and are then cleared on every rank.
 """
 from __future__ import annotations
 
@@ -300,9 +300,11 @@ class HookAdapter:
                 logger.log_metrics(metrics, step=iteration)
 
     def _write_histograms(self) -> None:
-        """Write the storage's histograms to the TensorBoard loggers (global rank 0), then clear them."""
-        histograms = self.storage.histograms
-        if not histograms:
+        """Write the storage's histograms and images to the TensorBoard loggers (global rank 0),
+        then clear them."""
+        storage = self.storage
+        histograms, images = storage.histograms, storage.images
+        if not (histograms or images):
             return
         trainer = self.pl_trainer
         if trainer.is_global_zero:
@@ -310,7 +312,10 @@ class HookAdapter:
                 if isinstance(logger, TensorBoardLogger):
                     for params in histograms:
                         logger.experiment.add_histogram_raw(**params)
-        self.storage.clear_histograms()
+                    for name, image, iteration in images:
+                        logger.experiment.add_image(name, image, global_step=iteration)
+        storage.clear_histograms()
+        storage.clear_images()
 
 
 def _mean(values: list[Any]) -> Any:
