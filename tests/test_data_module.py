@@ -88,6 +88,14 @@ def test_train_batches(data_root: Path) -> None:
     assert ReIDDataModule(batches_per_epoch=5, root=str(data_root)).batches_per_epoch == 5
 
 
+def test_cache_images_gives_the_same_batches_and_fills_the_cache(data_root: Path) -> None:
+    plain, cached = make_datamodule(data_root), make_datamodule(data_root, cache_images=True)
+    loaders = [plain.build_train_loader(0, 1, epoch=0), cached.build_train_loader(0, 1, epoch=0)]
+    for a, b in zip(*loaders):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["targets"], b["targets"])
+    assert loaders[0].dataset.cache is None and len(loaders[1].dataset.cache) > 0
+
+
 def test_test_loader_covers_query_and_gallery_once(data_root: Path) -> None:
     dm = make_datamodule(data_root)
     batches = list(dm.test_dataloader())

@@ -58,6 +58,37 @@ def test_bot_optimizer_is_adam_with_recipe_values():
     assert all(g["lr"] == pytest.approx(3.5e-4) and g["weight_decay"] == pytest.approx(5e-4) for g in opt.param_groups)
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
+def test_fused_kernel_takes_the_same_steps_as_the_per_tensor_loop(name):
+    torch.manual_seed(0)
+    nets = [_Net(), _Net()]
+    nets[1].load_state_dict(nets[0].state_dict())
+    kwargs = dict(name=name, base_lr=1e-2, weight_decay=5e-4, weight_decay_norm=1e-3, weight_decay_bias=0.0, bias_lr_factor=2.0)
+    optimizers = [build_optimizer(nets[0], fused=True, **kwargs), build_optimizer(nets[1], fused=False, **kwargs)]
+    assert optimizers[0].defaults["fused"] and not optimizers[1].defaults["fused"]
+    images = torch.randn(6, 3, 5, 5)
+    for _ in range(3):
+        for net, optimizer in zip(nets, optimizers):
+            features = net.conv(images).mean(dim=(2, 3))  # every parameter gets a gradient well above rounding
+            (net.fc(features).square().sum() + net.bn(features).pow(3).sum()).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for fused, loop in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(fused, loop, rtol=1e-4, atol=1e-5)  # rounding, grown over 3 steps
+
+
+def test_fused_falls_back_where_the_device_has_no_kernel():
+    net = _Net().to("meta")
+    assert not build_optimizer(net, fused=True).defaults["fused"]
+
+
+def test_solver_fused_reaches_the_optimizer():
+    from reid_lightning.engine.settings import SolverSettings
+
+    assert SolverSettings.from_mapping({"fused": False}).optimizer_kwargs()["fused"] is False
+    assert SolverSettings.from_mapping(compose_train([]).solver).optimizer_kwargs()["fused"] is True
+
+
 def test_unknown_optimizer_names_the_choices():
     with pytest.raises(ValueError, match="unknown optimizer 'Adan'.*Adam, AdamW, SGD"):
         build_optimizer(_Net(), name="Adan")

@@ -92,6 +92,32 @@ def test_objective_prefers_validation_figures() -> None:
     assert objective({}) is None
 
 
+def test_the_final_validation_stands_for_the_test_only_when_it_ranked_the_test_sets_in_full() -> None:
+    from types import SimpleNamespace
+
+    from reid_lightning.cli.train import validated_final_weights_on_test_sets as stands_for_test
+
+    def case(val_split=None, val_sets=("demo",), last_val_step=90, limit_val=1.0):
+        trainer = SimpleNamespace(global_step=90, limit_val_batches=limit_val, limit_test_batches=1.0)
+        module = SimpleNamespace(val_sets=list(val_sets), test_sets=["demo"], last_val_step=last_val_step)
+        return stands_for_test(trainer, module, SimpleNamespace(val_split=val_split))
+
+    assert case()
+    assert not case(val_split=object(), val_sets=("validation",))  # held-out identities
+    assert not case(last_val_step=60)  # the final weights were not validated
+    assert not case(last_val_step=None)
+    assert not case(limit_val=0.5)  # a partial validation
+
+
+def test_adopting_the_validation_needs_a_validation_of_the_test_sets() -> None:
+    from reid_lightning.engine.module import ReIDModule
+    from reid_lightning.modeling import build_bot
+
+    module = ReIDModule(build_bot(num_classes=4, depth=18, pretrained="none"), val_sets=["validation"], test_sets=["demo"])
+    with pytest.raises(RuntimeError, match="not a test of"):
+        module.adopt_validation_as_test()
+
+
 @pytest.mark.slow
 def test_held_out_identities_select_the_best_checkpoint(tmp_path: Path) -> None:
     root, run_dir = tmp_path / "data", tmp_path / "run"

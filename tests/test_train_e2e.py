@@ -47,6 +47,8 @@ def test_quickstart_trains_and_the_metric_rises(trained_run):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics) == {"Rank-1", "Rank-5", "Rank-10", "mAP", "mINP"}
     assert metrics["mAP"] == pytest.approx(maps[-1], abs=0.01)
+    # the last epoch's validation ranked the test set with the final weights: taken as the test
+    assert logged_column(run_dir, "test/mAP") == pytest.approx([maps[-1]])
     assert 0.0 < metrics["Rank-1"] <= metrics["Rank-5"] <= metrics["Rank-10"] <= 100.0
     assert 0.0 < metrics["mINP"] <= 100.0
     assert "mAP" in proc.stdout and (run_dir / "checkpoints" / "last.ckpt").is_file()

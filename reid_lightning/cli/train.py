@@ -166,12 +166,23 @@ def objective(metrics: dict[str, Any]) -> float | None:
     return metrics.get("mAP")
 
 
+def validated_final_weights_on_test_sets(trainer: pl.Trainer, module: ReIDModule, datamodule: Any) -> bool:
+    """Whether the last validation ranked the test sets, in full as a test would, with the final
+    weights: no held-out validation identities, a validation after the last optimizer step,
+    and validation batches limited as test batches are."""
+    return (
+        datamodule.val_split is None and module.val_sets == module.test_sets
+        and module.last_val_step == trainer.global_step and trainer.limit_val_batches == trainer.limit_test_batches
+    )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the model described by ``cfg``, test it and write ``metrics.json``.
 
     With held-out validation identities (``data.val_identities``) the final model is
     validated (unless its last epoch was) and the best checkpoint by ``val/mAP`` is tested
-    after the final model.
+    after the final model. Without them validation ranks the test sets, so when the last epoch
+    was validated its figures are the test figures and no second pass runs.
 
     Returns:
         The contents of metrics.json, in percent: the final model's test figures (keys of
@@ -211,7 +222,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 trainer.validate(module, datamodule=datamodule, verbose=False)
             metrics["val"] = to_report(module.last_val_metrics)
         if cfg.get("run_test", True):
-            trainer.test(module, datamodule=datamodule, verbose=False)
+            if validated_final_weights_on_test_sets(trainer, module, datamodule):
+                module.adopt_validation_as_test()  # a test pass would compute the same figures again
+            else:
+                trainer.test(module, datamodule=datamodule, verbose=False)
             metrics = {**report_test_metrics(module), **metrics}
             best = selection_checkpoint(trainer) if datamodule.val_split is not None else None
             if best is not None:

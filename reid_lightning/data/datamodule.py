@@ -90,6 +90,9 @@ class ReIDDataModule(pl.LightningDataModule):
         pin_memory: pin host memory (only when CUDA is available).
         persistent_workers: keep workers alive between epochs (only with ``num_workers > 0``).
         verify_images: check every image file with PIL at set-up; fail listing the bad ones.
+        cache_images: keep each decoded, resized training image in memory (uint8) after its
+            first epoch, in each loader worker: ``3 x height x width`` bytes per image per worker
+            (see :class:`~reid_lightning.data.image_dataset.ImageDataset`).
         seed: seed of the identity sampler.
         batches_per_epoch: global training batches per epoch; default fast-reid's
             epoch, ``len(train images) // batch_size`` (at least 1).
@@ -125,6 +128,7 @@ class ReIDDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         verify_images: bool = False,
+        cache_images: bool = False,
         seed: int = 0,
         batches_per_epoch: int | None = None,
         sampler: str = "naive",
@@ -150,6 +154,7 @@ class ReIDDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.verify_images = verify_images
+        self.cache_images = cache_images
         self.seed = seed
         self.batches_per_epoch = batches_per_epoch
         self.sampler = sampler
@@ -323,7 +328,7 @@ class ReIDDataModule(pl.LightningDataModule):
         sampler.set_epoch(self._first_train_epoch() if epoch is None else epoch)
         transform = build_train_transforms(self.size, self.flip_prob, self.padding, self.erasing_prob)
         return DataLoader(
-            ImageDataset(train, transform),
+            ImageDataset(train, transform, cache_images=self.cache_images),
             batch_size=self.batch_size // world_size,
             sampler=sampler,
             drop_last=True,

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from reid_lightning.data.samples import Sample
 from reid_lightning.data.seeded_sampler import torch_seeded
+from reid_lightning.data.transforms import split_deterministic
 
 
 def read_image(path: str) -> Image.Image:
@@ -67,11 +68,19 @@ class ImageDataset(Dataset):
     transform on torch's CPU generator seeded with ``seed``. Build the evaluation set with
     :meth:`for_test`.
 
+    With ``cache_images`` the result of the transform's deterministic stages (decode, resize,
+    uint8 tensor: :func:`~reid_lightning.data.transforms.split_deterministic`) is kept in memory
+    at its first use, so that later epochs only run the random augmentation: ``3 x height x
+    width`` bytes per image in each loader worker (workers must persist between epochs to keep
+    theirs). Items are the same with or without it.
+
     Args:
         samples: the samples, kept as ``dataset.samples``.
-        transform: maps a PIL RGB image to a tensor.
+        transform: maps a PIL RGB image to a tensor (a ``v2.Compose`` of
+            :mod:`reid_lightning.data.transforms` when ``cache_images``).
         with_index: add each item's position as ``"index"``.
         query_count: the first ``query_count`` samples are queries; adds ``"is_query"``.
+        cache_images: keep each decoded, resized image in memory.
 
     Raises:
         ValueError: ``query_count`` outside ``0..len(samples)``.
@@ -83,6 +92,7 @@ class ImageDataset(Dataset):
         transform: Callable[[Image.Image], torch.Tensor],
         with_index: bool = False,
         query_count: int | None = None,
+        cache_images: bool = False,
     ) -> None:
         if query_count is not None and not 0 <= query_count <= len(samples):
             raise ValueError(f"query_count {query_count} lies outside 0..{len(samples)}")
@@ -90,6 +100,8 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.with_index = with_index
         self.query_count = query_count
+        self.cache: dict[int, torch.Tensor] | None = {} if cache_images else None
+        self._prepare, self._augment = split_deterministic(transform) if cache_images else (None, transform)
 
     @classmethod
     def for_test(
@@ -111,15 +123,23 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _image(self, index: int) -> Image.Image | torch.Tensor:
+        """The decoded image, or with ``cache_images`` its cached deterministic stages."""
+        if self.cache is None:
+            return read_image(self.samples[index].path)
+        if index not in self.cache:
+            self.cache[index] = self._prepare(read_image(self.samples[index].path))
+        return self.cache[index]
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         sample = self.samples[index]
-        image = read_image(sample.path)
+        image = self._image(index)
         if seed is None:
-            images = self.transform(image)
+            images = self._augment(image)
         else:
             with torch_seeded(seed):
-                images = self.transform(image)
+                images = self._augment(image)
         item: dict[str, Any] = {
             "images": images,
             "targets": sample.pid,

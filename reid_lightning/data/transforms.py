@@ -1,7 +1,9 @@
 """Image transforms of fast-reid's BoT recipe, built from torchvision.transforms.v2.
 
 Both pipelines take a PIL RGB image and return a normalised float32 tensor of
-shape ``(3, height, width)``.
+shape ``(3, height, width)``. Each starts with the deterministic resize and conversion to a
+uint8 tensor, which :func:`split_deterministic` separates from the rest so that a dataset can
+keep their result in memory (``ImageDataset(cache_images=True)``).
 """
 
 from __future__ import annotations
@@ -15,8 +17,29 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+_DETERMINISTIC = (v2.Resize, v2.ToImage)
+
+
+def _resized_uint8(size: tuple[int, int]) -> list[v2.Transform]:
+    return [v2.Resize(size, interpolation=InterpolationMode.BICUBIC), v2.ToImage()]
+
+
+def _normalised(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+
+
+def split_deterministic(transform: v2.Compose) -> tuple[v2.Compose, v2.Compose]:
+    """Splits a pipeline of this module into its leading deterministic stages (bicubic resize,
+    conversion to a uint8 tensor) and the rest, so that
+    ``rest(prefix(image))`` equals ``transform(image)`` and ``prefix(image)`` can be cached.
+
+    Called as ``prepare, augment = split_deterministic(build_train_transforms((256, 128)))``.
+    """
+    stages = list(transform.transforms)
+    cut = 0
+    while cut < len(stages) and isinstance(stages[cut], _DETERMINISTIC):
+        cut += 1
+    return v2.Compose(stages[:cut]), v2.Compose(stages[cut:])
 
 
 def build_train_transforms(
@@ -29,8 +52,8 @@ def build_train_transforms(
 ) -> v2.Compose:
     """Builds the training augmentation of fast-reid's Base-bagtricks config.
 
-    Stages, in order: bicubic resize to ``size``; horizontal flip with
-    ``flip_prob``; zero padding by ``padding`` pixels then a random crop of
+    Stages, in order: bicubic resize to ``size`` and conversion to a uint8 tensor; horizontal
+    flip with ``flip_prob``; zero padding by ``padding`` pixels then a random crop of
     ``size``; conversion to float in [0, 1]; normalisation with ``mean``/``std``;
     random erasing with ``erasing_prob`` (torchvision's default area 0.02-0.33 and
     aspect ratio 0.3-3.3) filling with 0. Filling with 0 after normalising equals
@@ -57,12 +80,12 @@ def build_train_transforms(
             f"got flip_prob={flip_prob}, erasing_prob={erasing_prob}, padding={padding}"
         )
     size = (int(size[0]), int(size[1]))
-    stages: list[v2.Transform] = [v2.Resize(size, interpolation=InterpolationMode.BICUBIC)]
+    stages: list[v2.Transform] = _resized_uint8(size)  # flip and crop give the same pixels on PIL or tensor
     if flip_prob > 0:
         stages.append(v2.RandomHorizontalFlip(p=flip_prob))
     if padding > 0:
         stages.append(v2.RandomCrop(size, padding=padding, fill=0, padding_mode="constant"))
-    stages += _to_normalised_tensor(mean, std)
+    stages += _normalised(mean, std)
     if erasing_prob > 0:
         stages.append(v2.RandomErasing(p=erasing_prob, value=0))
     return v2.Compose(stages)
@@ -85,4 +108,4 @@ def build_test_transforms(
         A callable mapping a PIL image to a ``(3, height, width)`` float32 tensor.
     """
     size = (int(size[0]), int(size[1]))
-    return v2.Compose([v2.Resize(size, interpolation=InterpolationMode.BICUBIC), *_to_normalised_tensor(mean, std)])
+    return v2.Compose([*_resized_uint8(size), *_normalised(mean, std)])

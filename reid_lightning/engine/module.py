@@ -77,6 +77,7 @@ class ReIDModule(pl.LightningModule):
         self.last_test_metrics: dict[str, float] = {}
         self.last_test_metrics_by_set: dict[str, dict[str, float]] = {}
         self.last_val_metrics: dict[str, float] = {}
+        self.last_val_metrics_by_set: dict[str, dict[str, float]] = {}
         self.last_val_step: int | None = None
         self.loss_watch = NonFiniteLossWatch()
 
@@ -161,16 +162,12 @@ class ReIDModule(pl.LightningModule):
             return {}
         self._warn_partial_split(prefix)
         by_set = {}
-        for position, (metric, set_name) in enumerate(zip(metrics, names)):
-            results = {k: float(v) for k, v in metric.compute().items()}
+        for metric, set_name in zip(metrics, names):
+            by_set[set_name] = {k: float(v) for k, v in metric.compute().items()}
             metric.reset()
-            by_set[set_name] = results
-            prefixes = ([prefix] if position == 0 else []) + ([f"{prefix}/{set_name}"] if len(names) > 1 else [])
-            # every rank computed the same numbers from the gathered features: no further sync
-            for name, value in results.items():
-                for key in prefixes:
-                    self.log(f"{key}/{name}", value, prog_bar=key == prefix and name in ("mAP", "rank1"),
-                             sync_dist=False, rank_zero_only=False)
+        # every rank computed the same numbers from the gathered features: no further sync
+        for key, value in _logged_keys(by_set, prefix).items():
+            self.log(key, value, prog_bar=key in (f"{prefix}/mAP", f"{prefix}/rank1"), sync_dist=False, rank_zero_only=False)
         return by_set
 
     def on_validation_start(self) -> None:
@@ -189,8 +186,30 @@ class ReIDModule(pl.LightningModule):
         by_set = self._eval_epoch_end(self.val_metrics, self.val_sets, "val")
         if not by_set:  # sanity check
             return
+        self.last_val_metrics_by_set = by_set
         self.last_val_metrics = by_set[self.val_sets[0]]
         self.last_val_step = self.global_step
+
+    def adopt_validation_as_test(self) -> None:
+        """Take the last validation's figures as the test figures (``last_test_metrics*``) and
+        log them under ``test/`` to the trainer's loggers, in place of a test pass that would
+        compute them again: for a run that validates on its test sets (no held-out identities)
+        and validated its final weights on all of them (see ``reid_lightning.cli.train``). The
+        test loop's callbacks (``on_test_*``) do not run.
+
+        Raises:
+            RuntimeError: the validation sets are not the test sets, or nothing was validated.
+        """
+        if self.val_sets != self.test_sets or not self.last_val_metrics_by_set:
+            raise RuntimeError(
+                f"the last validation ({self.val_sets}) is not a test of {self.test_sets}: run trainer.test instead"
+            )
+        self.last_test_metrics_by_set = {name: dict(m) for name, m in self.last_val_metrics_by_set.items()}
+        self.last_test_metrics = self.last_test_metrics_by_set[self.test_sets[0]]
+        logged = _logged_keys(self.last_test_metrics_by_set, "test")
+        for logger in self.trainer.loggers:
+            logger.log_metrics(logged, step=self.global_step)
+            logger.save()
 
     def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(self.test_metrics[dataloader_idx], batch)
@@ -217,3 +236,15 @@ class ReIDModule(pl.LightningModule):
         if self.cfg is not None:
             cfg = self.cfg
             checkpoint["reid_config"] = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def _logged_keys(by_set: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
+    """Logged names of evaluation figures: ``<prefix>/<metric>`` for the first set and, with
+    several sets, ``<prefix>/<set>/<metric>`` for each."""
+    keys: dict[str, float] = {}
+    for position, (set_name, results) in enumerate(by_set.items()):
+        prefixes = ([prefix] if position == 0 else []) + ([f"{prefix}/{set_name}"] if len(by_set) > 1 else [])
+        for name, value in results.items():
+            for key in prefixes:
+                keys[f"{key}/{name}"] = value
+    return keys

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
@@ -72,20 +73,35 @@ def build_optimizer(
     bias_lr_factor: float = 1.0,
     momentum: float = 0.9,
     nesterov: bool = False,
+    fused: bool = True,
 ) -> torch.optim.Optimizer:
     """Build ``Adam``, ``AdamW`` or ``SGD`` over :func:`build_param_groups` of ``model``.
+
+    Call it once the model is on its device. ``fused`` runs torch's fused kernel (one call per
+    parameter group; the same update up to float rounding) when every parameter is a
+    floating-point tensor on a device that has one (CPU and CUDA among them); elsewhere, or with
+    ``fused=False``, torch's default per-tensor or foreach loop. On a 2-core CPU the fused Adam
+    step of a ResNet-18 takes a tenth of the per-tensor loop's time (docs/results.md).
 
     Raises:
         ValueError: for an unknown optimizer name (the message lists the known ones).
     """
     groups = build_param_groups(model, base_lr, weight_decay, weight_decay_norm, weight_decay_bias, bias_lr_factor)
+    kwargs = {"fused": True} if fused and _fused_kernel_available(groups) else {}
     if name == "Adam":
-        return torch.optim.Adam(groups, lr=base_lr)
+        return torch.optim.Adam(groups, lr=base_lr, **kwargs)
     if name == "AdamW":
-        return torch.optim.AdamW(groups, lr=base_lr)
+        return torch.optim.AdamW(groups, lr=base_lr, **kwargs)
     if name == "SGD":
-        return torch.optim.SGD(groups, lr=base_lr, momentum=momentum, nesterov=nesterov)
+        return torch.optim.SGD(groups, lr=base_lr, momentum=momentum, nesterov=nesterov, **kwargs)
     raise ValueError(f"unknown optimizer {name!r}: choose one of Adam, AdamW, SGD")
+
+
+def _fused_kernel_available(groups: list[dict]) -> bool:
+    """Whether torch has a fused optimizer kernel for every parameter of ``groups``."""
+    devices = _get_fused_kernels_supported_devices()
+    params = [param for group in groups for param in group["params"]]
+    return bool(params) and all(param.device.type in devices and param.is_floating_point() for param in params)
 
 
 MILESTONES_FROM = ("after_warmup", "start")

@@ -48,6 +48,7 @@ class SolverSettings:
     bias_lr_factor: float = 1.0
     momentum: float = 0.9
     nesterov: bool = False
+    fused: bool = True
     max_epochs: int = 120
     warmup_iters: int = 2000
     warmup_factor: float = 0.1
@@ -72,6 +73,7 @@ class SolverSettings:
             "name": self.optimizer, "base_lr": self.base_lr, "weight_decay": self.weight_decay,
             "weight_decay_norm": self.weight_decay_norm, "weight_decay_bias": self.weight_decay_bias,
             "bias_lr_factor": self.bias_lr_factor, "momentum": self.momentum, "nesterov": self.nesterov,
+            "fused": self.fused,
         }
 
     def schedule_kwargs(self) -> dict[str, Any]:
