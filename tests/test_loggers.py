@@ -127,7 +127,7 @@ def test_mlflow_store_in_the_run_dir_holds_params_and_val_test_metrics(logged_ru
     experiment = client.get_experiment_by_name("quickstart")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
-    assert run.data.params["solver.base_lr"] == "0.00035" and run.data.params["data.height"] == "64"
+    assert run.data.params["solver.base_lr"] == "0.0007" and run.data.params["data.height"] == "64"
     val_maps = [m.value for m in client.get_metric_history(run.info.run_id, "val/mAP")]
     assert val_maps == pytest.approx([float(v) for v in csv_column(logged_run, "val/mAP")]) and len(val_maps) == 2
     metrics = json.loads((logged_run / "metrics.json").read_text())
