@@ -80,8 +80,7 @@ def build_optimizer(
     Call it once the model is on its device. ``fused`` runs torch's fused kernel (one call per
     parameter group; the same update up to float rounding) when every parameter is a
     floating-point tensor on a device that has one (CPU and CUDA among them); elsewhere, or with
-    ``fused=False``, torch's default per-tensor or foreach loop. On a 2-core CPU the fused Adam
-    step of a ResNet-18 takes a tenth of the per-tensor loop's time (docs/results.md).
+    ``fused=False``, torch's default per-tensor or foreach loop (docs/results.md has the timings).
 
     Raises:
         ValueError: for an unknown optimizer name (the message lists the known ones).
