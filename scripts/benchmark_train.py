@@ -3,12 +3,14 @@
     python scripts/benchmark_train.py --mode all --model bot_r18 --height 96 --width 48 --batch 32
     python scripts/benchmark_train.py --mode fit --model bot_r50 --device cuda --precision bf16-mixed \
         --channels-last --workers 8 --data /data/market1501
+    python scripts/benchmark_train.py --mode optimizer --model bot_r18 --iters 5
 
 Each mode prints one JSON line: ``mode``, ``images_per_s``, ``s_per_iter``, ``iters``, ``device``,
 ``precision`` and the settings; ``loader`` adds ``by_workers`` (images/s for each count of
 ``--workers 0,2,4``), ``fit`` adds ``fit_over_step`` (its images/s over the bare step's, the step
 timed in the same process before and after the fit, averaged). ``--mode fit`` prints the step's
-line first. See :mod:`reid_lightning.cli.train_benchmark` for what each mode times.
+line first. ``optimizer`` (not part of ``all``) prints the optimizer step's milliseconds with
+torch's fused kernel and with the per-tensor loop. See :mod:`reid_lightning.cli.train_benchmark` for what each mode times.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from reid_lightning.cli import train_benchmark as bench
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=["loader", "step", "fit", "all"], default="all")
+    parser.add_argument("--mode", choices=["loader", "step", "fit", "all", "optimizer"], default="all")
     parser.add_argument("--model", default="bot_r50", help="a conf/model option (random init)")
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=128)
@@ -49,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
         workers=worker_counts[-1], data=args.data, data_dir=args.data_dir, output_dir=args.output_dir,
         overrides=args.overrides,
     )
+    if args.mode == "optimizer":
+        print(json.dumps(bench.time_optimizer(cfg, args.iters, args.warmup)), flush=True)
+        return
     modes = ["loader", "step", "fit"] if args.mode == "all" else [args.mode]
     step = None
     for mode in modes:

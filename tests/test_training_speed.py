@@ -178,3 +178,16 @@ def test_benchmark_train_prints_one_json_line_per_mode(tmp_path: Path) -> None:
     assert fit["fit_over_step"] == pytest.approx(2 * fit["images_per_s"] / sum(step_rates), rel=1e-3)
     # 2 batches of 8 per epoch (16 training images): the timed steps cross epoch boundaries
     assert fit["epochs"] >= 1
+
+
+def test_benchmark_train_optimizer_mode_times_fused_and_loop(tmp_path: Path) -> None:
+    proc = run_script(
+        "benchmark_train.py",
+        ["--mode", "optimizer", "--model", "bot_r18", "--iters", "2", "--warmup", "1", "--data-dir", str(tmp_path / "data"),
+         "--output-dir", str(tmp_path / "out")],
+        cwd=tmp_path,
+    )
+    (line,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert line["mode"] == "optimizer" and line["fused"] is True and line["optimizer"] == "Adam"
+    assert line["ms_per_step_loop"] > 0 and line["ms_per_step_fused"] > 0
+    assert line["fused_speedup"] == pytest.approx(line["ms_per_step_loop"] / line["ms_per_step_fused"], rel=0.02)

@@ -4,6 +4,8 @@
   worker count;
 * ``step``: forward + losses + backward + optimizer step on one batch already on the device (the
   bare limit of the model);
+* ``optimizer``: ``optimizer.step`` alone on the model's parameters, torch's fused kernel and the
+  per-tensor loop alternating in rounds (``solver.fused``);
 * ``fit``: ``ReIDModule`` under our ``pl.Trainer`` with the configured hooks and progress bar, on
   the same data, timed as fast-reid's IterationTimer does: from the end of the last warm-up step
   to the end of the last step, after every hook (``after_step``), with ``torch.cuda.synchronize``
@@ -179,6 +181,36 @@ def time_step(cfg: DictConfig, iters: int, warmup: int) -> dict[str, Any]:
     _synchronize(device)
     seconds = time.perf_counter() - start
     return _summary("step", cfg, len(targets) * iters, seconds, iters)
+
+
+def time_optimizer(cfg: DictConfig, iters: int, warmup: int, rounds: int = 6) -> dict[str, Any]:
+    """Milliseconds per ``optimizer.step`` over the model's parameters (gradients set once),
+    fused and per-tensor, alternating ``rounds`` times ``iters`` steps; medians of the rounds."""
+    device = _device(cfg)
+    model = build_model(cfg, num_classes=100).to(device).train()
+    for param in model.parameters():
+        param.grad = torch.full_like(param, 1e-3) if param.requires_grad else None
+    kwargs = SolverSettings.from_mapping(cfg.solver).optimizer_kwargs()
+    optimizers = {fused: build_optimizer(model, **{**kwargs, "fused": fused}) for fused in (False, True)}
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for optimizer in optimizers.values():
+        for _ in range(warmup):
+            optimizer.step()
+    for _ in range(rounds):
+        for fused, optimizer in optimizers.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            for _ in range(iters):
+                optimizer.step()
+            _synchronize(device)
+            times[fused].append((time.perf_counter() - start) / iters * 1e3)
+    median = {fused: sorted(values)[len(values) // 2] for fused, values in times.items()}
+    return {
+        "mode": "optimizer", "optimizer": kwargs["name"], "ms_per_step_loop": round(median[False], 3),
+        "ms_per_step_fused": round(median[True], 3), "fused_speedup": round(median[False] / median[True], 2),
+        "fused": bool(optimizers[True].defaults["fused"]), "iters": iters, "rounds": rounds, "device": device.type,
+        "model": cfg.model.get("depth"),
+    }
 
 
 class _FitClock(HookBase):
