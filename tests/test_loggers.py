@@ -141,7 +141,7 @@ def test_wandb_offline_run_dir_holds_the_config_and_metrics(logged_run):
     (records,) = offline_run.glob("run-*.wandb")
     # a log of protobuf records: keys and JSON-encoded values are stored as plain bytes
     data = records.read_bytes()
-    assert b"solver.base_lr" in data and b"0.00035" in data
+    assert b"solver.base_lr" in data and b"0.0007" in data
     for key in ("val/mAP", "test/mAP"):
         assert key.encode() in data, f"{key} missing from {records}"
     for value in csv_column(logged_run, "val/mAP") + csv_column(logged_run, "test/mAP"):

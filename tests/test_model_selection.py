@@ -97,8 +97,8 @@ def test_the_final_validation_stands_for_the_test_only_when_it_ranked_the_test_s
 
     from reid_lightning.cli.train import validated_final_weights_on_test_sets as stands_for_test
 
-    def case(val_split=None, val_sets=("demo",), last_val_step=90, limit_val=1.0):
-        trainer = SimpleNamespace(global_step=90, limit_val_batches=limit_val, limit_test_batches=1.0)
+    def case(val_split=None, val_sets=("demo",), last_val_step=90, limit_val=1.0, world_size=1):
+        trainer = SimpleNamespace(global_step=90, limit_val_batches=limit_val, limit_test_batches=1.0, world_size=world_size)
         module = SimpleNamespace(val_sets=list(val_sets), test_sets=["demo"], last_val_step=last_val_step)
         return stands_for_test(trainer, module, SimpleNamespace(val_split=val_split))
 
@@ -107,6 +107,7 @@ def test_the_final_validation_stands_for_the_test_only_when_it_ranked_the_test_s
     assert not case(last_val_step=60)  # the final weights were not validated
     assert not case(last_val_step=None)
     assert not case(limit_val=0.5)  # a partial validation
+    assert not case(world_size=2)  # DDP ranks validate with their own BatchNorm statistics
 
 
 def test_adopting_the_validation_needs_a_validation_of_the_test_sets() -> None:

@@ -169,9 +169,11 @@ def objective(metrics: dict[str, Any]) -> float | None:
 def validated_final_weights_on_test_sets(trainer: pl.Trainer, module: ReIDModule, datamodule: Any) -> bool:
     """Whether the last validation ranked the test sets, in full as a test would, with the final
     weights: no held-out validation identities, a validation after the last optimizer step,
-    and validation batches limited as test batches are."""
+    validation batches limited as test batches are, and one process. Under DDP each rank
+    validates with its own BatchNorm running statistics from the last step, while the test
+    starts from rank 0's whole state (what last.ckpt holds), so the test pass runs there."""
     return (
-        datamodule.val_split is None and module.val_sets == module.test_sets
+        trainer.world_size == 1 and datamodule.val_split is None and module.val_sets == module.test_sets
         and module.last_val_step == trainer.global_step and trainer.limit_val_batches == trainer.limit_test_batches
     )
 
