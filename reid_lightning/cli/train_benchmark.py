@@ -19,8 +19,9 @@ Called as::
 from __future__ import annotations
 
 import math
+import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,16 @@ def _device(cfg: DictConfig) -> torch.device:
     return torch.device("cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
 
 
+def _time_calls(call: Callable[[], Any], times: int, device: torch.device) -> float:
+    """Seconds taken by ``times`` calls of ``call``, with the device synchronised at both ends."""
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(times):
+        call()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
 def time_step(cfg: DictConfig, iters: int, warmup: int) -> dict[str, Any]:
     """Images/s of the bare training step on one batch of the training loader, already on the device."""
     device = _device(cfg)
@@ -174,12 +185,7 @@ def time_step(cfg: DictConfig, iters: int, warmup: int) -> dict[str, Any]:
 
     for _ in range(warmup):
         step()
-    _synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    _synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds = _time_calls(step, iters, device)
     return _summary("step", cfg, len(targets) * iters, seconds, iters)
 
 
@@ -198,13 +204,8 @@ def time_optimizer(cfg: DictConfig, iters: int, warmup: int, rounds: int = 6) ->
             optimizer.step()
     for _ in range(rounds):
         for fused, optimizer in optimizers.items():
-            _synchronize(device)
-            start = time.perf_counter()
-            for _ in range(iters):
-                optimizer.step()
-            _synchronize(device)
-            times[fused].append((time.perf_counter() - start) / iters * 1e3)
-    median = {fused: sorted(values)[len(values) // 2] for fused, values in times.items()}
+            times[fused].append(_time_calls(optimizer.step, iters, device) / iters * 1e3)
+    median = {fused: statistics.median(values) for fused, values in times.items()}
     return {
         "mode": "optimizer", "optimizer": kwargs["name"], "ms_per_step_loop": round(median[False], 3),
         "ms_per_step_fused": round(median[True], 3), "fused_speedup": round(median[False] / median[True], 2),
