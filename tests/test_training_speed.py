@@ -122,6 +122,12 @@ def test_channels_last_and_compile_switches_compose_and_run(tmp_path: Path) -> N
         resolve_channels_last("yes", "cpu")
 
 
+def test_compile_with_the_default_empty_kwargs_builds(tmp_path: Path) -> None:
+    """``compile=true`` alone (conf/train.yaml's ``compile_kwargs: {}``): torch.compile's defaults."""
+    model = build_model(compose_train([*TINY_MODEL, "compile=true"], tmp_path), num_classes=2)
+    assert model.backbone._compiled_call_impl is not None
+
+
 def _failing_backend(graph_module, example_inputs):
     raise RuntimeError("no compiler here")
 
@@ -178,6 +184,9 @@ def test_benchmark_train_prints_one_json_line_per_mode(tmp_path: Path) -> None:
     assert fit["fit_over_step"] == pytest.approx(2 * fit["images_per_s"] / sum(step_rates), rel=1e-3)
     # 2 batches of 8 per epoch (16 training images): the timed steps cross epoch boundaries
     assert fit["epochs"] >= 1
+    # 3 gaps between the 4 after_step calls of the window; their sum is the timed window
+    assert 0 < fit["gap_median_s"] <= fit["gap_max_s"] <= 3 * fit["s_per_iter"] + 1e-4
+    assert 0 <= fit["stall_s"] < 3 * fit["s_per_iter"]
 
 
 def test_benchmark_train_optimizer_mode_times_fused_and_loop(tmp_path: Path) -> None:

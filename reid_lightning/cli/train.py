@@ -73,7 +73,8 @@ def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
     if resolve_channels_last(cfg.get("channels_last", False), cfg.trainer.get("accelerator", "auto")):
         to_channels_last(model.backbone)
     if cfg.get("compile"):
-        compile_with_fallback(model.backbone, "backbone", **OmegaConf.to_container(cfg.get("compile_kwargs") or {}))
+        compile_kwargs = cfg.get("compile_kwargs")  # an empty DictConfig is falsy: the default {}
+        compile_with_fallback(model.backbone, "backbone", **(OmegaConf.to_container(compile_kwargs) if compile_kwargs else {}))
     return model
 
 

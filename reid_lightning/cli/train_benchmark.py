@@ -216,21 +216,38 @@ def time_optimizer(cfg: DictConfig, iters: int, warmup: int, rounds: int = 6) ->
 
 class _FitClock(HookBase):
     """Wall time from the ``after_step`` of iteration ``start`` to that of iteration ``end``
-    (synchronising CUDA at both); registered after every other hook."""
+    (synchronising CUDA at both); registered after every other hook. ``gaps`` holds the host's
+    time between consecutive ``after_step`` calls in that window, unsynchronised: in a steady
+    state they follow the device, and a stall (an epoch start, a slow batch) shows as a long one."""
 
     def __init__(self, start: int, end: int) -> None:
         self.start, self.end = start, end
         self.t0 = self.t1 = math.nan
+        self.gaps: list[float] = []
+        self._last = math.nan
 
     def after_step(self) -> None:
         iteration = self.trainer.iter
+        if not self.start <= iteration <= self.end:
+            return
         if iteration in (self.start, self.end):
             _synchronize(self.trainer.pl_module.device)
-            now = time.perf_counter()
-            if iteration == self.start:
-                self.t0 = now
-            else:
-                self.t1 = now
+        now = time.perf_counter()
+        if iteration == self.start:
+            self.t0 = now
+        else:
+            self.gaps.append(now - self._last)
+        if iteration == self.end:
+            self.t1 = now
+        self._last = now
+
+    def gap_summary(self) -> dict[str, float]:
+        """Median and largest gap, and the time spent beyond twice the median in the gaps longer than that."""
+        if not self.gaps:
+            return {}
+        median = statistics.median(self.gaps)
+        return {"gap_median_s": round(median, 5), "gap_max_s": round(max(self.gaps), 5),
+                "stall_s": round(sum(gap - 2 * median for gap in self.gaps if gap > 2 * median), 4)}
 
 
 def time_fit(cfg: DictConfig, iters: int, warmup: int) -> dict[str, Any]:
@@ -255,7 +272,7 @@ def time_fit(cfg: DictConfig, iters: int, warmup: int) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule)
     seconds = clock.t1 - clock.t0
     return _summary("fit", cfg, cfg.data.batch_size * iters, seconds, iters, workers=cfg.data.num_workers,
-                    epochs=trainer.current_epoch)
+                    epochs=trainer.current_epoch, **clock.gap_summary())
 
 
 def fit_over_step(fit: dict[str, Any], *steps: dict[str, Any]) -> dict[str, Any]:
