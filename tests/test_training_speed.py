@@ -94,6 +94,17 @@ def test_the_progress_bar_reads_metrics_every_n_steps(tmp_path: Path, monkeypatc
         IntervalRichProgressBar(metrics_every_n_steps=0)
 
 
+def test_the_progress_bar_reads_on_the_global_steps_the_module_logs(tmp_path: Path, monkeypatch) -> None:
+    """Epochs of 5 batches, every 3rd step: global steps 3, 6, 9, as Lightning writes the logs
+    (and ``ReIDModule`` calls ``self.log``), not the 3rd batch of each epoch."""
+    reads = []
+    real = RichProgressBar._update_metrics
+    monkeypatch.setattr(RichProgressBar, "_update_metrics", lambda self, t, m: reads.append(t.global_step) or real(self, t, m))
+    bar = IntervalRichProgressBar(metrics_every_n_steps=3)
+    make_trainer(tmp_path, [bar], max_epochs=2, enable_progress_bar=True).fit(TinyModule(batches=5))
+    assert [step for step in reads if step not in (5, 10)] == [3, 6, 9]
+
+
 TINY_MODEL = ["model=bot_r18", "model.pretrained=none"]
 
 
@@ -108,7 +119,8 @@ def _train_once(model: torch.nn.Module) -> torch.Tensor:
 
 
 def test_channels_last_and_compile_switches_compose_and_run(tmp_path: Path) -> None:
-    cfg = compose_train([*TINY_MODEL, "channels_last=true", "compile=true", "+compile_kwargs.backend=eager"], tmp_path)
+    eager_backend = ["~compile_kwargs.mode", "+compile_kwargs.backend=eager"]
+    cfg = compose_train([*TINY_MODEL, "channels_last=true", "compile=true", *eager_backend], tmp_path)
     model = build_model(cfg, num_classes=2)
     conv = model.backbone.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
@@ -122,9 +134,13 @@ def test_channels_last_and_compile_switches_compose_and_run(tmp_path: Path) -> N
         resolve_channels_last("yes", "cpu")
 
 
-def test_compile_with_the_default_empty_kwargs_builds(tmp_path: Path) -> None:
-    """``compile=true`` alone (conf/train.yaml's ``compile_kwargs: {}``): torch.compile's defaults."""
-    model = build_model(compose_train([*TINY_MODEL, "compile=true"], tmp_path), num_classes=2)
+@pytest.mark.parametrize("kwargs", [[], ["~compile_kwargs.mode"]], ids=["config_default", "empty"])
+def test_compile_with_the_default_or_empty_kwargs_builds(tmp_path: Path, kwargs: list[str]) -> None:
+    """``compile=true`` with conf/train.yaml's ``compile_kwargs`` (mode reduce-overhead), and with
+    none (an empty mapping: torch.compile's defaults)."""
+    cfg = compose_train([*TINY_MODEL, "compile=true", *kwargs], tmp_path)
+    assert dict(cfg.compile_kwargs) == ({} if kwargs else {"mode": "reduce-overhead"})
+    model = build_model(cfg, num_classes=2)
     assert model.backbone._compiled_call_impl is not None
 
 
@@ -141,7 +157,8 @@ def test_compile_falls_back_to_eager_with_a_message(tmp_path: Path, caplog) -> N
     torch.manual_seed(0)
     eager = _seeded_output(build_model(compose_train(TINY_MODEL, tmp_path), num_classes=2))
 
-    cfg = compose_train([*TINY_MODEL, "compile=true", "+compile_kwargs.backend=no_such_backend"], tmp_path)
+    no_backend = ["~compile_kwargs.mode", "+compile_kwargs.backend=no_such_backend"]
+    cfg = compose_train([*TINY_MODEL, "compile=true", *no_backend], tmp_path)
     torch.manual_seed(0)
     with caplog.at_level(logging.WARNING, logger="reid_lightning.engine.model_speed"):
         model = build_model(cfg, num_classes=2)
