@@ -2,7 +2,9 @@
 sanity check and partial validation, evaluation precision under bf16-mixed."""
 from __future__ import annotations
 
+import csv
 import warnings
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -101,17 +103,33 @@ def test_training_step_returns_the_hook_contract(tiny_data):
     assert set(out["metrics"]) == {"cls_accuracy"} and out["metrics"]["cls_accuracy"] == top1
 
 
-def test_training_logs_the_classification_accuracy(tiny_data, tmp_path):
-    put: list[tuple[int, float]] = []
+def test_training_logs_losses_and_accuracy_on_the_steps_the_trainer_writes(tiny_data, tmp_path, monkeypatch):
+    put: list[tuple[int, float, float]] = []
 
     def record(view) -> None:
-        value, iteration = view.storage.latest()["cls_accuracy"]
-        put.append((iteration, value))
+        latest = view.storage.latest()
+        put.append((latest["cls_accuracy"][1], latest["cls_accuracy"][0], latest["total_loss"][0]))
 
+    calls: list[str] = []
+    real_log = ReIDModule.log
+    monkeypatch.setattr(ReIDModule, "log", lambda self, name, *a, **k: calls.append(name) or real_log(self, name, *a, **k))
+    logger = pl.loggers.CSVLogger(tmp_path, name="csv")
     hooks = [CallbackHook(after_step=record)]
-    trainer, _, _ = _fit(tiny_data, tmp_path, {"warmup_iters": 1}, epochs=1, hooks=hooks, limit_val_batches=0)
-    assert [iteration for iteration, _ in put] == [0, 1, 2]
-    assert all(0.0 <= value <= 1.0 for _, value in put)
+    # 2 epochs of 3 steps, written every 2nd optimizer step: steps 1, 3 and 5 (across the epoch
+    # boundary); the module also logs the epochs' last steps (2 and 5) for trainer.callback_metrics
+    trainer, _, _ = _fit(tiny_data, tmp_path, {"warmup_iters": 1}, epochs=2, hooks=hooks, limit_val_batches=0,
+                         logger=logger, log_every_n_steps=2)
+    assert [iteration for iteration, _, _ in put] == list(range(6))
+    assert all(0.0 <= accuracy <= 1.0 for _, accuracy, _ in put)
+    train_logs = [name for name in calls if name.startswith("train/")]
+    assert len(train_logs) == 4 * 4 and set(train_logs) == {
+        "train/loss_cls", "train/loss_triplet", "train/total_loss", "train/cls_accuracy"}
+    with open(Path(logger.log_dir) / "metrics.csv") as log_file:
+        rows = [row for row in csv.DictReader(log_file) if row.get("train/total_loss")]
+    assert [int(row["step"]) for row in rows] == [1, 3, 5]
+    for row, (_, accuracy, total) in zip(rows, put[1::2]):
+        assert float(row["train/total_loss"]) == pytest.approx(total)
+        assert float(row["train/cls_accuracy"]) == pytest.approx(accuracy)
     assert float(trainer.callback_metrics["train/cls_accuracy"]) == pytest.approx(put[-1][1])
 
 

@@ -34,8 +34,9 @@ class IntervalRichProgressBar(RichProgressBar):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        # after the optimizer step: global_step counts this batch, as Lightning's logging rule does
         every = self.metrics_every_n_steps or max(1, trainer.log_every_n_steps)
-        self._skip_metrics = (batch_idx + 1) % every != 0
+        self._skip_metrics = trainer.global_step % every != 0
         try:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         finally:
