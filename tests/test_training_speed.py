@@ -12,6 +12,7 @@ from conftest import compose_train, run_script
 from hooks_support import TinyModule, make_trainer
 from pytorch_lightning.callbacks import RichProgressBar
 
+from reid_lightning.cli.fit_variants import main_thread_parts
 from reid_lightning.cli.train import build_model
 from reid_lightning.engine.finite_check import NonFiniteLossWatch
 from reid_lightning.engine.hooks import HookBase, PeriodicWriter
@@ -217,3 +218,34 @@ def test_benchmark_train_optimizer_mode_times_fused_and_loop(tmp_path: Path) -> 
     assert line["mode"] == "optimizer" and line["fused"] is True and line["optimizer"] == "Adam"
     assert line["ms_per_step_loop"] > 0 and line["ms_per_step_fused"] > 0
     assert line["fused_speedup"] == pytest.approx(line["ms_per_step_loop"] / line["ms_per_step_fused"], rel=0.02)
+
+
+def test_fit_variants_print_one_line_each_and_the_main_thread_parts(tmp_path: Path) -> None:
+    small_demo = {"num_ids": 8, "images_per_id": 4, "num_distractors": 0, "num_junk": 2}
+    proc = run_script(
+        "benchmark_fit_variants.py",
+        ["--model", "bot_r18", "--height", "32", "--width", "16", "--batch", "8", "--iters", "2", "--warmup", "1",
+         "--workers", "1", "--variants", "default,from_memory_no_hooks_no_log", "--data-dir", str(tmp_path / "data"),
+         "--output-dir", str(tmp_path / "out"),
+         *(f"++data.dataset_kwargs.{key}={value}" for key, value in small_demo.items())],
+        cwd=tmp_path,
+    )
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [line["variant"] for line in lines] == ["step", "default", "from_memory_no_hooks_no_log", "step_after"]
+    for fit in lines[1:3]:
+        assert fit["mode"] == "fit" and fit["images_per_s"] > 0
+        assert fit["fit_over_step"] == pytest.approx(fit["images_per_s"] / lines[0]["images_per_s"], rel=1e-3)
+    bad = run_script("benchmark_fit_variants.py", ["--variants", "default,no_such"], cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and "unknown variants ['no_such']" in bad.stderr
+
+
+def test_main_thread_parts_attribute_each_sample_to_its_first_matching_part() -> None:
+    loop = "thread (1): MainThread;fit (trainer.py:1);_TrainingEpochLoop.advance (training_epoch_loop.py:2)"
+    raw = "\n".join([
+        f"{loop};step (torch/optim/adam.py:3);training_step (module.py:4);forward (resnet.py:5) 6",
+        f"{loop};step (torch/optim/adam.py:3);backward (torch/_tensor.py:6) 3",
+        f"{loop};__next__ (pytorch_lightning/loops/fetchers.py:7) 1",
+        "thread (2): Thread-1 (_pin_memory_loop);pin_memory (pin_memory.py:8) 50",
+        "thread (1): MainThread;setup (trainer.py:9) 40",
+    ])
+    assert main_thread_parts(raw) == {"forward": 0.6, "backward": 0.3, "waiting for the next batch": 0.1}

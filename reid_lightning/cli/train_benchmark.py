@@ -106,7 +106,7 @@ def _summary(mode: str, cfg: DictConfig, images: int, seconds: float, iters: int
     }
 
 
-def _batches(loader: torch.utils.data.DataLoader) -> Iterator[dict[str, Any]]:
+def batches_forever(loader: torch.utils.data.DataLoader) -> Iterator[dict[str, Any]]:
     """The loader's batches, epoch after epoch."""
     epoch = 0
     while True:
@@ -127,7 +127,7 @@ def time_loader(cfg: DictConfig, iters: int, warmup: int, worker_counts: list[in
         with open_dict(cfg):
             cfg.data.num_workers = workers
         loader = build_datamodule(cfg.data).build_train_loader(0, 1)
-        batches = _batches(loader)
+        batches = batches_forever(loader)
         for _ in range(warmup):
             next(batches)
         start, images = time.perf_counter(), 0
