@@ -14,6 +14,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Subset
 
 from reid_lightning.data.datasets.demo import prepare_demo
+from reid_lightning.data.epoch_stream import EpochStream
 from reid_lightning.data.image_dataset import ImageDataset, verify_images
 from reid_lightning.data.multi_dataset import (
     DatasetEntry,
@@ -93,6 +94,10 @@ class ReIDDataModule(pl.LightningDataModule):
         cache_images: keep each decoded, resized training image in memory (uint8) after its
             first epoch, in each loader worker: ``3 x height x width`` bytes per image per worker
             (see :class:`~reid_lightning.data.image_dataset.ImageDataset`).
+        stream_epochs: ``train_dataloader`` (what ``trainer.fit`` iterates) goes from one epoch
+            to the next without emptying the loader, so the first batches of an epoch are ready
+            when it starts (:class:`~reid_lightning.data.epoch_stream.EpochStream`); the batches
+            are the same either way.
         seed: seed of the identity sampler.
         batches_per_epoch: global training batches per epoch; default fast-reid's
             epoch, ``len(train images) // batch_size`` (at least 1).
@@ -129,6 +134,7 @@ class ReIDDataModule(pl.LightningDataModule):
         persistent_workers: bool = True,
         verify_images: bool = False,
         cache_images: bool = False,
+        stream_epochs: bool = True,
         seed: int = 0,
         batches_per_epoch: int | None = None,
         sampler: str = "naive",
@@ -155,6 +161,8 @@ class ReIDDataModule(pl.LightningDataModule):
         self.persistent_workers = persistent_workers
         self.verify_images = verify_images
         self.cache_images = cache_images
+        self.stream_epochs = stream_epochs
+        self._train_stream: EpochStream | None = None
         self.seed = seed
         self.batches_per_epoch = batches_per_epoch
         self.sampler = sampler
@@ -355,8 +363,23 @@ class ReIDDataModule(pl.LightningDataModule):
             share, batch_size=self.test_batch_size, shuffle=False, drop_last=False, **self._loader_options()
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self.build_train_loader(*self.distributed_context())
+    def train_dataloader(self) -> DataLoader | EpochStream:
+        loader = self.build_train_loader(*self.distributed_context())
+        if not self.stream_epochs:
+            return loader
+        self._close_train_stream()
+        self._train_stream = EpochStream(loader)
+        return self._train_stream
+
+    def _close_train_stream(self) -> None:
+        if self._train_stream is not None:
+            self._train_stream.close()
+            self._train_stream = None
+
+    def teardown(self, stage: str) -> None:
+        """After ``fit``: the training stream's workers exit."""
+        if stage == "fit":
+            self._close_train_stream()
 
     def _eval_loaders(self, splits: list[ReIDSplits]) -> DataLoader | list[DataLoader]:
         loaders = [self.build_test_loader(*self.distributed_context(), split) for split in splits]
