@@ -179,18 +179,25 @@ def test_compile_falls_back_to_eager_with_a_message(tmp_path: Path, caplog) -> N
     assert torch.equal(fallen_back, eager)
 
 
+# a demo set of 8 identities x 4 images for the benchmark scripts
+SMALL_DEMO = [f"++data.dataset_kwargs.{key}={value}"
+              for key, value in {"num_ids": 8, "images_per_id": 4, "num_distractors": 0, "num_junk": 2}.items()]
+
+
+def _json_lines(proc) -> list[dict]:
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
 @pytest.mark.slow
 def test_benchmark_train_prints_one_json_line_per_mode(tmp_path: Path) -> None:
-    small_demo = {"num_ids": 8, "images_per_id": 4, "num_distractors": 0, "num_junk": 2}
     proc = run_script(
         "benchmark_train.py",
         ["--mode", "all", "--model", "bot_r18", "--height", "32", "--width", "16", "--batch", "8", "--iters", "3",
          "--warmup", "1", "--workers", "0,1", "--data-dir", str(tmp_path / "data"),
-         "--output-dir", str(tmp_path / "out"), "--channels-last",
-         *(f"++data.dataset_kwargs.{key}={value}" for key, value in small_demo.items())],
+         "--output-dir", str(tmp_path / "out"), "--channels-last", *SMALL_DEMO],
         cwd=tmp_path,
     )
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    lines = _json_lines(proc)
     assert [line["mode"] for line in lines] == ["loader", "step", "fit"]
     for line in lines:
         assert {"images_per_s", "iters", "device", "precision"} <= set(line) and line["images_per_s"] > 0
@@ -214,23 +221,21 @@ def test_benchmark_train_optimizer_mode_times_fused_and_loop(tmp_path: Path) -> 
          "--output-dir", str(tmp_path / "out")],
         cwd=tmp_path,
     )
-    (line,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    (line,) = _json_lines(proc)
     assert line["mode"] == "optimizer" and line["fused"] is True and line["optimizer"] == "Adam"
     assert line["ms_per_step_loop"] > 0 and line["ms_per_step_fused"] > 0
     assert line["fused_speedup"] == pytest.approx(line["ms_per_step_loop"] / line["ms_per_step_fused"], rel=0.02)
 
 
-def test_fit_variants_print_one_line_each_and_the_main_thread_parts(tmp_path: Path) -> None:
-    small_demo = {"num_ids": 8, "images_per_id": 4, "num_distractors": 0, "num_junk": 2}
+def test_fit_variants_print_one_line_per_variant(tmp_path: Path) -> None:
     proc = run_script(
         "benchmark_fit_variants.py",
         ["--model", "bot_r18", "--height", "32", "--width", "16", "--batch", "8", "--iters", "2", "--warmup", "1",
          "--workers", "1", "--variants", "default,from_memory_no_hooks_no_log", "--data-dir", str(tmp_path / "data"),
-         "--output-dir", str(tmp_path / "out"),
-         *(f"++data.dataset_kwargs.{key}={value}" for key, value in small_demo.items())],
+         "--output-dir", str(tmp_path / "out"), *SMALL_DEMO],
         cwd=tmp_path,
     )
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    lines = _json_lines(proc)
     assert [line["variant"] for line in lines] == ["step", "default", "from_memory_no_hooks_no_log", "step_after"]
     for fit in lines[1:3]:
         assert fit["mode"] == "fit" and fit["images_per_s"] > 0
