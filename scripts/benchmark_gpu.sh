@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU training-speed suite behind docs/results.md ("Training speed: GPU"), one benchmark
+# The GPU training-speed suite behind docs/results.md (Training speed, GPU), one benchmark
 # process after another, each under its own time limit so that one hang costs only its share.
 #
 #   bash scripts/benchmark_gpu.sh <folder in Market-1501 layout> <output folder>
 #
 # Each process appends its JSON lines to <output folder>/results.jsonl and its log to
-# <output folder>/<name>.log. The environment can shrink the suite for a rehearsal on the CPU:
+# <output folder>/<name>.log (the trainers write under $RUN_DIR, default /tmp/benchmark_gpu).
+# The environment can shrink the suite for a rehearsal on the CPU:
 #   DEVICE=cpu PRECISION=32 MODEL=bot_r18 HEIGHT=64 WIDTH=32 ITERS=3 WARMUP=2 WORKERS=0,2 \
 #     BATCHES=32 COMPILE=0 bash scripts/benchmark_gpu.sh <data> <out>
 set -u
@@ -46,7 +47,11 @@ for batch in $BATCHES; do
 done
 bench fit_nchw "$LIMIT" --mode fit --workers "$FIT_WORKERS"
 bench optimizer "$LIMIT" --mode optimizer --iters 20 --warmup 3
-if [ "$COMPILE" = 1 ]; then
+if [ "$COMPILE" = 1 ]; then  # compile_kwargs' default mode, reduce-overhead (CUDA graphs)
     bench fit_cl_compile $((2 * LIMIT)) --mode fit --workers "$FIT_WORKERS" --channels-last --compile
+    for batch in $BATCHES; do
+        bench "fit_cl_compile_b$batch" $((2 * LIMIT)) --mode fit --workers "$FIT_WORKERS" --channels-last \
+            --compile --batch "$batch"
+    done
 fi
 cat "$OUT_DIR/results.jsonl"
