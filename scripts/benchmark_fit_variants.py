@@ -27,8 +27,8 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
-import time
 
 from reid_lightning.cli import train_benchmark as bench
 from reid_lightning.cli.fit_variants import main_thread_parts, time_variant, variants
@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(names) - set(table))
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {sorted(table)}")
+    spy = shutil.which("py-spy")
+    if args.py_spy and spy is None:
+        raise SystemExit("--py-spy needs py-spy on the PATH (pip install py-spy)")
 
     def config(overrides: list[str]):
         return bench.benchmark_config(
@@ -76,18 +79,13 @@ def main(argv: list[str] | None = None) -> None:
         overrides, patches = table[name]
         fit = time_variant(config(overrides), args.iters, args.warmup, patches)
         print(json.dumps({"variant": name, **bench.fit_over_step(fit, step)}), flush=True)
-    if args.py_spy:
-        spy = shutil.which("py-spy")
-        if spy is None:
-            raise SystemExit("--py-spy needs py-spy on the PATH (pip install py-spy)")
-        start = time.perf_counter()
-        time_variant(config([]), args.iters, args.warmup, {})  # how long the default variant runs
-        seconds = max(1, int(time.perf_counter() - start) - 1)
+    if args.py_spy:  # until the fit ends: py-spy writes its samples when interrupted
         sampler = subprocess.Popen(
-            [spy, "record", "--pid", str(os.getpid()), "-r", "400", "-d", str(seconds), "--threads",
-             "--idle", "--nonblocking", "-f", "raw", "-o", args.py_spy],
+            [spy, "record", "--pid", str(os.getpid()), "-r", "400", "--threads", "--idle", "--nonblocking",
+             "-f", "raw", "-o", args.py_spy],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         time_variant(config([]), args.iters, args.warmup, {})
+        sampler.send_signal(signal.SIGINT)
         sampler.wait(timeout=120)
         with open(args.py_spy) as stacks:
             print(json.dumps({"variant": "default", "main_thread_parts": main_thread_parts(stacks.read())}), flush=True)

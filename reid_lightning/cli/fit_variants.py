@@ -85,6 +85,7 @@ def variants(workers: int) -> dict[str, tuple[list[str], dict[str, Callable]]]:
 
 def time_variant(cfg: DictConfig, iters: int, warmup: int, patches: dict[str, Callable]) -> dict[str, Any]:
     """``bench.time_fit`` with the patches applied, restoring everything afterwards."""
+    sharing = torch.multiprocessing.get_sharing_strategy()
     ReIDModule.log = patches.get("log", ORIGINAL_LOG)
     ReIDDataModule.train_dataloader = patches.get("train_dataloader", ORIGINAL_LOADER)
     bench.seed(0)
@@ -92,7 +93,7 @@ def time_variant(cfg: DictConfig, iters: int, warmup: int, patches: dict[str, Ca
         return bench.time_fit(cfg, iters, warmup)
     finally:
         ReIDModule.log, ReIDDataModule.train_dataloader = ORIGINAL_LOG, ORIGINAL_LOADER
-        torch.multiprocessing.set_sharing_strategy("file_descriptor")
+        torch.multiprocessing.set_sharing_strategy(sharing)
 
 
 def main_thread_parts(raw_stacks: str) -> dict[str, float]:

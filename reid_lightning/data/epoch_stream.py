@@ -29,9 +29,9 @@ from reid_lightning.data.seeded_sampler import SeededSampler
 class _EpochChain(Sampler[tuple[int, int]]):
     """The ``(index, seed)`` keys of ``sampler``'s epochs one after the other, from ``start`` on."""
 
-    def __init__(self, sampler: SeededSampler) -> None:
+    def __init__(self, sampler: SeededSampler, start: int) -> None:
         self.sampler = sampler
-        self.start = sampler.epoch
+        self.start = start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.start
@@ -92,14 +92,13 @@ class EpochStream:
         self._next_epoch = None
         for position in range(self._length):
             batch = next(self._stream)
-            if position == self._length - 1:
+            if position == self._length - 1:  # complete before the consumer stops asking
                 self._next_epoch = epoch + 1
             yield batch
 
     def _restart(self, epoch: int) -> None:
         self.close()
-        chain = _EpochChain(copy.deepcopy(self.sampler))
-        chain.start = epoch
+        chain = _EpochChain(copy.deepcopy(self.sampler), start=epoch)
         self._loader = DataLoader(self.dataset, sampler=chain, **self._options)
         self._stream = iter(self._loader)
 

@@ -96,13 +96,11 @@ class ReIDModule(pl.LightningModule):
         # checked on the device; read (and failed) every log_every_n_steps and before validation,
         # checkpoints and the end of training (every step when no trainer drives the module)
         self.loss_watch.update(self.global_step, self.current_epoch, total, loss_dict)
-        log_step = self._writes_step_logs(batch_idx)
-        if log_step:
-            self.loss_watch.check()
         metrics = {}
         if isinstance(outputs, Mapping) and "cls_logits" in outputs:  # fast-reid's log_accuracy, top-1, on device
             metrics["cls_accuracy"] = (outputs["cls_logits"].detach().argmax(dim=1) == batch["targets"]).float().mean()
-        if log_step:
+        if self._writes_step_logs(batch_idx):
+            self.loss_watch.check()
             batch_size = batch["images"].shape[0]
             for name, value in loss_dict.items():
                 self.log(f"train/{name}", value, batch_size=batch_size)
