@@ -16,7 +16,9 @@ that step) and one for the step again at the end. Variants:
 * ``from_memory_no_hooks_no_log``: that, without the hooks and without ``self.log``;
 * ``half_workers``: half the loader workers;
 * ``no_pin_memory``: ``data.pin_memory=false``;
-* ``file_system_sharing``: workers hand tensors over by file name instead of file descriptor.
+* ``file_system_sharing``: workers hand tensors over by file name instead of file descriptor;
+* ``float_batches``: ``data.normalize_on_device=false``, the workers normalise and erase and the
+  batches travel as float32.
 
 ``--py-spy FILE`` (py-spy on the PATH) samples every thread of the ``default`` variant, run a second
 time, into FILE (raw stacks) and prints the main thread's time per part of the step.

@@ -46,6 +46,9 @@ for batch in $BATCHES; do
     bench "fit_cl_b$batch" "$LIMIT" --mode fit --workers "$FIT_WORKERS" --channels-last --batch "$batch"
 done
 bench fit_nchw "$LIMIT" --mode fit --workers "$FIT_WORKERS"
+# float32 batches normalised in the workers (before data.normalize_on_device): loader and fit
+bench loader_float "$LIMIT" --mode loader --workers "$WORKERS" data.normalize_on_device=false
+bench fit_cl_float "$LIMIT" --mode fit --workers "$FIT_WORKERS" --channels-last data.normalize_on_device=false
 bench optimizer "$LIMIT" --mode optimizer --iters 20 --warmup 3
 if [ "$COMPILE" = 1 ]; then  # compile_kwargs' default mode, reduce-overhead (CUDA graphs)
     bench fit_cl_compile $((2 * LIMIT)) --mode fit --workers "$FIT_WORKERS" --channels-last --compile

@@ -79,6 +79,8 @@ def test_train_batches(data_root: Path) -> None:
     loader = dm.train_dataloader()
     assert len(loader) == len(dm.splits.train) // 8
     batch = next(iter(loader))
+    assert set(batch) == {"images", "targets", "camids", "erase_box"} and batch["images"].dtype == torch.uint8
+    batch = dm.on_after_batch_transfer(batch, 0)
     assert set(batch) == {"images", "targets", "camids"}
     assert batch["images"].shape == (8, 3, 32, 16) and batch["images"].dtype == torch.float32
     assert batch["targets"].dtype == torch.int64 and batch["camids"].dtype == torch.int64
@@ -225,3 +227,17 @@ def test_image_dataset_items() -> None:
     assert dataset.samples == samples and dataset.query_count == 1 and dataset.with_index
     with pytest.raises(ValueError, match="query_count 4"):
         ImageDataset(samples, build_test_transforms((32, 16)), query_count=4)
+
+
+def test_datamodule_batches_are_the_same_either_way(data_root) -> None:
+    on, off = (make_datamodule(data_root, normalize_on_device=flag) for flag in (True, False))
+    raw = next(iter(on.build_train_loader(0, 1, epoch=1)))
+    assert raw["images"].dtype == torch.uint8 and raw["erase_box"].shape == (len(raw["targets"]), 4)
+    pairs = [(on.build_train_loader(0, 1, epoch=1), off.build_train_loader(0, 1, epoch=1)),
+             (on.build_test_loader(0, 1), off.build_test_loader(0, 1))]
+    for loader_on, loader_off in pairs:
+        for batch_on, batch_off in zip(loader_on, loader_off, strict=True):
+            batch_on = on.on_after_batch_transfer(batch_on, 0)
+            assert batch_on.keys() == batch_off.keys()
+            for key in batch_off:
+                assert torch.equal(batch_on[key], batch_off[key]), key

@@ -92,7 +92,7 @@ def test_validation_logs_identical_metric_names_and_checkpoint_holds_plain_confi
 def test_training_step_returns_the_hook_contract(tiny_data):
     model = build_bot(num_classes=tiny_data.num_classes, depth=18, pretrained="none")
     module = ReIDModule(model)
-    batch = next(iter(tiny_data.build_train_loader(0, 1)))
+    batch = tiny_data.on_after_batch_transfer(next(iter(tiny_data.build_train_loader(0, 1))), 0)
     out = module.training_step(batch, 0)
     assert out["loss"].requires_grad
     assert set(out["loss_dict"]) == {"loss_cls", "loss_triplet"}
@@ -136,7 +136,7 @@ def test_training_logs_losses_and_accuracy_on_the_steps_the_trainer_writes(tiny_
 def test_non_finite_loss_names_iteration_and_terms(tiny_data):
     model = build_bot(num_classes=tiny_data.num_classes, depth=18, pretrained="none")
     module = ReIDModule(model)
-    batch = next(iter(tiny_data.build_train_loader(0, 1)))
+    batch = tiny_data.on_after_batch_transfer(next(iter(tiny_data.build_train_loader(0, 1))), 0)
     batch["images"] = batch["images"] * float("nan")
     with pytest.raises(FloatingPointError, match=r"iteration 0 .*loss_cls=nan"):
         module.training_step(batch, 0)
@@ -216,3 +216,10 @@ def test_the_real_solver_and_evaluation_configs_are_read_whole():
     assert module.solver.milestones == tuple(cfg.solver.milestones)
     assert module.solver.milestones_from == cfg.solver.milestones_from
     assert module.evaluation.metric_kwargs()["max_chunk_mb"] == cfg.evaluation.max_chunk_mb
+
+
+def test_module_names_an_unnormalised_batch(tiny_data) -> None:
+    batch = {"images": torch.zeros(4, 3, 32, 16, dtype=torch.uint8), "targets": torch.zeros(4, dtype=torch.long)}
+    module = ReIDModule(build_bot(num_classes=tiny_data.num_classes, depth=18, pretrained="none"))
+    with pytest.raises(TypeError, match="normalize_on_device"):
+        module.training_step(batch, 0)

@@ -80,6 +80,7 @@ def variants(workers: int) -> dict[str, tuple[list[str], dict[str, Callable]]]:
         "half_workers": ([f"data.num_workers={max(1, workers // 2)}"], {}),
         "no_pin_memory": (["data.pin_memory=false"], {}),
         "file_system_sharing": ([], {"train_dataloader": _file_system_loader}),
+        "float_batches": (["data.normalize_on_device=false"], {}),
     }
 
 

@@ -117,7 +117,8 @@ def batches_forever(loader: torch.utils.data.DataLoader) -> Iterator[dict[str, A
 
 
 def time_loader(cfg: DictConfig, iters: int, warmup: int, worker_counts: list[int]) -> dict[str, Any]:
-    """Images/s of the training loader for each worker count (after ``warmup`` batches).
+    """Images/s of the training loader for each worker count (after ``warmup`` batches); with
+    ``data.normalize_on_device`` (the default) its batches hold uint8 images, normalised later on the device.
 
     Returns:
         the summary of the fastest count, with ``by_workers`` (``{count: images/s}``).
@@ -164,11 +165,13 @@ def _time_calls(call: Callable[[], Any], times: int, device: torch.device) -> fl
 
 
 def time_step(cfg: DictConfig, iters: int, warmup: int) -> dict[str, Any]:
-    """Images/s of the bare training step on one batch of the training loader, already on the device."""
+    """Images/s of the bare training step on one batch of the training loader, already on the device
+    and normalised there."""
     device = _device(cfg)
     datamodule = build_datamodule(cfg.data)
     batch = next(iter(datamodule.build_train_loader(0, 1)))
-    images, targets = batch["images"].to(device), batch["targets"].to(device)
+    batch = datamodule.on_after_batch_transfer({key: value.to(device) for key, value in batch.items()}, 0)
+    images, targets = batch["images"], batch["targets"]
     model = build_model(cfg, datamodule.num_classes).to(device).train()
     optimizer = build_optimizer(model, **SolverSettings.from_mapping(cfg.solver).optimizer_kwargs())
     precision = str(cfg.trainer.precision)

@@ -13,6 +13,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Subset
 
+from reid_lightning.data.batch_normalize import normalize_batch
 from reid_lightning.data.datasets.demo import prepare_demo
 from reid_lightning.data.epoch_stream import EpochStream
 from reid_lightning.data.image_dataset import ImageDataset, verify_images
@@ -62,6 +63,10 @@ class ReIDDataModule(pl.LightningDataModule):
     query + gallery without padding. Run the trainer with
     ``use_distributed_sampler=False``.
 
+    With ``normalize_on_device`` the loaders' batches hold uint8 images (and training batches
+    the ``"erase_box"`` rectangles); :meth:`on_after_batch_transfer`, which Lightning calls once
+    a batch is on the model's device, turns them into the normalised float32 images above.
+
     One data set (``dataset``) trains and tests by default. ``train_sets`` trains on several
     (identities and cameras kept apart, see :func:`combine_train_sets`), ``test_sets`` tests
     on several: ``test_dataloader`` then returns one loader per set, in list order
@@ -98,6 +103,10 @@ class ReIDDataModule(pl.LightningDataModule):
             to the next without emptying the loader, so the first batches of an epoch are ready
             when it starts (:class:`~reid_lightning.data.epoch_stream.EpochStream`); the batches
             are the same either way.
+        normalize_on_device: loader workers stop at uint8 images; the float conversion,
+            normalisation and random erasing run on each batch on the model's device
+            (:func:`~reid_lightning.data.batch_normalize.normalize_batch`). The images are the
+            same either way.
         seed: seed of the identity sampler.
         batches_per_epoch: global training batches per epoch; default fast-reid's
             epoch, ``len(train images) // batch_size`` (at least 1).
@@ -135,6 +144,7 @@ class ReIDDataModule(pl.LightningDataModule):
         verify_images: bool = False,
         cache_images: bool = False,
         stream_epochs: bool = True,
+        normalize_on_device: bool = True,
         seed: int = 0,
         batches_per_epoch: int | None = None,
         sampler: str = "naive",
@@ -163,6 +173,7 @@ class ReIDDataModule(pl.LightningDataModule):
         self.cache_images = cache_images
         self.stream_epochs = stream_epochs
         self._train_stream: EpochStream | None = None
+        self.normalize_on_device = normalize_on_device
         self.seed = seed
         self.batches_per_epoch = batches_per_epoch
         self.sampler = sampler
@@ -334,7 +345,9 @@ class ReIDDataModule(pl.LightningDataModule):
         )
         sampler = SeededSampler(identities, seed, rank)
         sampler.set_epoch(self._first_train_epoch() if epoch is None else epoch)
-        transform = build_train_transforms(self.size, self.flip_prob, self.padding, self.erasing_prob)
+        transform = build_train_transforms(
+            self.size, self.flip_prob, self.padding, self.erasing_prob, normalize=not self.normalize_on_device
+        )
         return DataLoader(
             ImageDataset(train, transform, cache_images=self.cache_images),
             batch_size=self.batch_size // world_size,
@@ -357,11 +370,17 @@ class ReIDDataModule(pl.LightningDataModule):
             A sequential loader of ``test_batch_size`` images per batch.
         """
         split = split or next(iter(self.test_splits.values()))
-        full = ImageDataset.for_test(split.query, split.gallery, build_test_transforms(self.size))
+        transform = build_test_transforms(self.size, normalize=not self.normalize_on_device)
+        full = ImageDataset.for_test(split.query, split.gallery, transform)
         share = Subset(full, list(shard_range(len(full), rank, world_size)))
         return DataLoader(
             share, batch_size=self.test_batch_size, shuffle=False, drop_last=False, **self._loader_options()
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Lightning's hook on every batch once it is on the model's device: uint8 images
+        (``normalize_on_device``) become normalised, erased float32 images; other batches pass."""
+        return normalize_batch(batch)
 
     def train_dataloader(self) -> DataLoader | EpochStream:
         loader = self.build_train_loader(*self.distributed_context())

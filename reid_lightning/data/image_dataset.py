@@ -64,7 +64,8 @@ class ImageDataset(Dataset):
 
     ``dataset[i]`` is a dict ``{"images": tensor, "targets": pid, "camids": camid}``,
     plus ``"index": i`` when ``with_index`` and ``"is_query": i < query_count`` when
-    ``query_count`` is given. ``dataset[(i, seed)]`` (keys of :class:`SeededSampler`) runs the
+    ``query_count`` is given; a transform that returns a dict (a ``normalize=False`` training
+    pipeline: ``{"images": ..., "erase_box": ...}``) gives its keys instead of ``"images"``. ``dataset[(i, seed)]`` (keys of :class:`SeededSampler`) runs the
     transform on torch's CPU generator seeded with ``seed``. Build the evaluation set with
     :meth:`for_test`.
 
@@ -76,8 +77,8 @@ class ImageDataset(Dataset):
 
     Args:
         samples: the samples, kept as ``dataset.samples``.
-        transform: maps a PIL RGB image to a tensor (a ``v2.Compose`` of
-            :mod:`reid_lightning.data.transforms` when ``cache_images``).
+        transform: maps a PIL RGB image to a tensor, or to a dict holding ``"images"`` (a
+            ``v2.Compose`` of :mod:`reid_lightning.data.transforms` when ``cache_images``).
         with_index: add each item's position as ``"index"``.
         query_count: the first ``query_count`` samples are queries; adds ``"is_query"``.
         cache_images: keep each decoded, resized image in memory.
@@ -89,7 +90,7 @@ class ImageDataset(Dataset):
     def __init__(
         self,
         samples: Sequence[Sample],
-        transform: Callable[[Image.Image], torch.Tensor],
+        transform: Callable[[Image.Image], torch.Tensor | dict[str, torch.Tensor]],
         with_index: bool = False,
         query_count: int | None = None,
         cache_images: bool = False,
@@ -140,11 +141,9 @@ class ImageDataset(Dataset):
         else:
             with torch_seeded(seed):
                 images = self._augment(image)
-        item: dict[str, Any] = {
-            "images": images,
-            "targets": sample.pid,
-            "camids": sample.camid,
-        }
+        item: dict[str, Any] = dict(images) if isinstance(images, dict) else {"images": images}
+        item["targets"] = sample.pid
+        item["camids"] = sample.camid
         if self.with_index:
             item["index"] = index
         if self.query_count is not None:

@@ -4,6 +4,11 @@ Both pipelines take a PIL RGB image and return a normalised float32 tensor of
 shape ``(3, height, width)``. Each starts with the deterministic resize and conversion to a
 uint8 tensor, which :func:`split_deterministic` separates from the rest so that a dataset can
 keep their result in memory (``ImageDataset(cache_images=True)``).
+
+With ``normalize=False`` they stop at uint8 and leave the float conversion, the normalisation
+and the random erasing to :func:`~reid_lightning.data.batch_normalize.normalize_batch`, which
+runs on a whole batch on the model's device; the training pipeline then draws each erasing
+rectangle (:class:`RandomErasingBox`) with the same random numbers as ``v2.RandomErasing``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,26 @@ def _normalised(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transfor
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
 
 
+class RandomErasingBox(v2.RandomErasing):
+    """Draws random erasing's rectangle without erasing: the last stage of a training pipeline
+    that hands uint8 images to :func:`~reid_lightning.data.batch_normalize.normalize_batch`.
+
+    It consumes torch's random numbers exactly as ``v2.RandomErasing(p, scale, ratio)`` does
+    (the apply draw, then the area, aspect ratio and position draws), so that both pipelines
+    erase the same rectangle of the same image. Called as ``RandomErasingBox(p=0.5)(image)``
+    with a ``(3, H, W)`` tensor; returns ``{"images": image, "erase_box": box}``, ``box`` an
+    int64 tensor ``(top, left, height, width)``, all 0 when nothing is to be erased.
+    """
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        box = torch.zeros(4, dtype=torch.int64)
+        if torch.rand(1) < self.p:
+            params = self.make_params([image])
+            if params["v"] is not None:  # v2.RandomErasing erases nothing without a fitting rectangle
+                box = torch.tensor([params["i"], params["j"], params["h"], params["w"]])
+        return {"images": image, "erase_box": box}
+
+
 def split_deterministic(transform: v2.Compose) -> tuple[v2.Compose, v2.Compose]:
     """Splits a pipeline of this module into its leading deterministic stages (bicubic resize,
     conversion to a uint8 tensor) and the rest, so that
@@ -49,6 +74,7 @@ def build_train_transforms(
     erasing_prob: float = 0.5,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    normalize: bool = True,
 ) -> v2.Compose:
     """Builds the training augmentation of fast-reid's Base-bagtricks config.
 
@@ -60,6 +86,11 @@ def build_train_transforms(
     fast-reid's filling with the mean pixel before normalising:
     ``(mean - mean) / std = 0``. A stage whose probability or padding is 0 is left out.
 
+    With ``normalize=False`` the pipeline ends after the crop, with the uint8 image, or with
+    ``{"images": uint8 image, "erase_box": rectangle}`` when ``erasing_prob > 0``
+    (:class:`RandomErasingBox`); :func:`~reid_lightning.data.batch_normalize.normalize_batch`
+    of the collated batch then gives the normalised pipeline's images exactly.
+
     Args:
         size: output (height, width).
         flip_prob: probability of a horizontal flip.
@@ -67,9 +98,11 @@ def build_train_transforms(
         erasing_prob: probability of random erasing.
         mean: per-channel mean of the normalisation (ImageNet by default).
         std: per-channel standard deviation of the normalisation.
+        normalize: convert to float, normalise and erase here; False leaves them to the batch.
 
     Returns:
-        A callable mapping a PIL image to a ``(3, height, width)`` float32 tensor.
+        A callable mapping a PIL image to a ``(3, height, width)`` float32 tensor (uint8, or the
+        dict above, with ``normalize=False``).
 
     Raises:
         ValueError: a probability outside [0, 1] or a negative padding.
@@ -85,6 +118,10 @@ def build_train_transforms(
         stages.append(v2.RandomHorizontalFlip(p=flip_prob))
     if padding > 0:
         stages.append(v2.RandomCrop(size, padding=padding, fill=0, padding_mode="constant"))
+    if not normalize:
+        if erasing_prob > 0:
+            stages.append(RandomErasingBox(p=erasing_prob))
+        return v2.Compose(stages)
     stages += _normalised(mean, std)
     if erasing_prob > 0:
         stages.append(v2.RandomErasing(p=erasing_prob, value=0))
@@ -95,6 +132,7 @@ def build_test_transforms(
     size: tuple[int, int] = (256, 128),
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    normalize: bool = True,
 ) -> v2.Compose:
     """Builds the evaluation transform: bicubic resize to ``size``, float in [0, 1],
     normalisation with ``mean``/``std``.
@@ -103,9 +141,12 @@ def build_test_transforms(
         size: output (height, width).
         mean: per-channel mean of the normalisation.
         std: per-channel standard deviation of the normalisation.
+        normalize: False stops at the resized uint8 image, to be normalised as a batch by
+            :func:`~reid_lightning.data.batch_normalize.normalize_batch`.
 
     Returns:
-        A callable mapping a PIL image to a ``(3, height, width)`` float32 tensor.
+        A callable mapping a PIL image to a ``(3, height, width)`` float32 tensor (uint8 with
+        ``normalize=False``).
     """
     size = (int(size[0]), int(size[1]))
-    return v2.Compose([*_resized_uint8(size), *_normalised(mean, std)])
+    return v2.Compose([*_resized_uint8(size), *(_normalised(mean, std) if normalize else [])])

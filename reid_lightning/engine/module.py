@@ -90,7 +90,7 @@ class ReIDModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        outputs = self.model(batch["images"])
+        outputs = self.model(_model_input(batch))
         loss_dict = self.model.losses(outputs, batch["targets"])
         total = sum(loss_dict.values())
         # checked on the device; read (and failed) every log_every_n_steps and before validation,
@@ -145,7 +145,7 @@ class ReIDModule(pl.LightningModule):
         return self._trainer is not None and self.trainer.sanity_checking
 
     def _eval_step(self, metric: ReIDMetric, batch: Mapping[str, torch.Tensor]) -> None:
-        features = self(batch["images"])
+        features = self(_model_input(batch))
         self._eval_samples += features.shape[0]
         # the sanity check runs a few batches: often queries only, nothing to rank yet
         if not self._sanity_checking():
@@ -262,3 +262,17 @@ def _logged_keys(by_set: dict[str, dict[str, float]], prefix: str) -> dict[str, 
             for key in prefixes:
                 keys[f"{key}/{name}"] = value
     return keys
+
+
+def _model_input(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's images; uint8 images (a ``normalize_on_device`` loader) that skipped the
+    datamodule's ``on_after_batch_transfer`` fail here with what to do."""
+    images = batch["images"]
+    if images.dtype == torch.uint8:
+        raise TypeError(
+            "the batch holds uint8 images: a loader of ReIDDataModule(normalize_on_device=True) leaves "
+            "their normalisation to the datamodule's on_after_batch_transfer hook; pass the datamodule "
+            "(trainer.fit(module, datamodule=dm)), apply reid_lightning.data.batch_normalize.normalize_batch "
+            "to the batch, or set data.normalize_on_device=false"
+        )
+    return images

@@ -79,7 +79,9 @@ class PreciseBN(HookBase):
     Args:
         num_iter: batches to average over.
         period: also run every ``period`` epochs (None: only at the end of training).
-        get_images: key of the images in a batch dict, or a callable ``batch -> model input``.
+        get_images: key of the images in a batch dict, or a callable ``batch -> model input``;
+            it gets each batch as ``training_step`` does: on the device, after the
+            ``on_after_batch_transfer`` hook.
     """
 
     def __init__(
@@ -142,13 +144,15 @@ class PreciseBN(HookBase):
 
     def _inputs(self) -> Iterator[torch.Tensor]:
         loader = self._fresh_loader()
-        device = self.trainer.pl_module.device
+        module = self.trainer.pl_module
         epoch = self.trainer.epoch
         while True:
             empty = True
             for batch in loader:
                 empty = False
-                yield self._images(batch).to(device, non_blocking=True)
+                # Lightning's own transfer of a training batch: to the device, then the
+                # on_after_batch_transfer hook (ReIDDataModule's normalises uint8 images)
+                yield self._images(module._apply_batch_transfer_handler(batch))
             if empty:
                 return
             epoch += 1
