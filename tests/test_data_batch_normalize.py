@@ -10,8 +10,12 @@ from PIL import Image
 from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
-from reid_lightning.data.batch_normalize import erase_boxes, normalize_batch
-from reid_lightning.data.transforms import RandomErasingBox, build_test_transforms, build_train_transforms
+from reid_lightning.data.batch_normalize import BatchNormalizer, erase_boxes
+from reid_lightning.data.transforms import (
+    RandomErasingBox,
+    build_test_transforms,
+    build_train_transforms,
+)
 
 SIZE = (48, 24)
 
@@ -32,12 +36,12 @@ def _per_image(transform, images: list[Image.Image], seed: int = 0) -> list:
 @pytest.mark.parametrize("erasing_prob", [0.0, 0.5, 1.0])
 def test_train_batch_equals_the_float_pipeline(erasing_prob: float) -> None:
     images = _images()
-    kwargs = dict(size=SIZE, flip_prob=0.5, padding=4, erasing_prob=erasing_prob)
+    kwargs = {"size": SIZE, "flip_prob": 0.5, "padding": 4, "erasing_prob": erasing_prob}
     expected = torch.stack(_per_image(build_train_transforms(**kwargs), images))
     items = _per_image(build_train_transforms(**kwargs, normalize=False), images)
     batch = default_collate([item if isinstance(item, dict) else {"images": item} for item in items])
     assert batch["images"].dtype == torch.uint8
-    out = normalize_batch(batch)
+    out = BatchNormalizer()(batch)
     assert out["images"].dtype == torch.float32 and "erase_box" not in out
     assert torch.equal(out["images"], expected)
     if erasing_prob > 0:  # rectangles were drawn and erased, not a vacuous match
@@ -52,7 +56,7 @@ def test_test_batch_equals_the_float_pipeline() -> None:
     expected = torch.stack([build_test_transforms(SIZE)(image) for image in images])
     uint8 = torch.stack([build_test_transforms(SIZE, normalize=False)(image) for image in images])
     assert uint8.dtype == torch.uint8
-    assert torch.equal(normalize_batch({"images": uint8})["images"], expected)
+    assert torch.equal(BatchNormalizer()({"images": uint8})["images"], expected)
 
 
 def test_erasing_box_draws_the_random_numbers_of_random_erasing() -> None:
@@ -87,7 +91,34 @@ def test_erase_boxes_fills_exactly_the_rectangles() -> None:
 
 
 def test_float_and_foreign_batches_pass_unchanged() -> None:
+    normalize = BatchNormalizer()
     floats = {"images": torch.rand(2, 3, 4, 4), "erase_box": torch.zeros(2, 4, dtype=torch.int64)}
-    assert normalize_batch(floats) is floats
+    assert normalize(floats) is floats
     for other in ([torch.zeros(2, dtype=torch.uint8)], {"targets": torch.zeros(2)}, None):
-        assert normalize_batch(other) is other
+        assert normalize(other) is other
+
+
+def test_a_zero_std_is_refused() -> None:
+    with pytest.raises(ValueError, match="divide by zero"):
+        BatchNormalizer(std=(0.2, 0.0, 0.2))
+
+
+def _erasing_batch(device: str) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, *SIZE), dtype=torch.uint8, generator=generator)
+    boxes = torch.tensor([[0, 0, 5, 6], [0, 0, 0, 0], [10, 3, 20, 9], [47, 23, 1, 1]])
+    return {"images": images.to(device), "erase_box": boxes.to(device), "targets": torch.arange(4, device=device)}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_normalising_on_cuda_never_waits_for_the_gpu() -> None:
+    normalize = BatchNormalizer()
+    batch = _erasing_batch("cuda")
+    normalize(batch)  # the first batch brings the mean and std to the device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = normalize(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.allclose(out["images"].cpu(), normalize(_erasing_batch("cpu"))["images"], atol=1e-6)

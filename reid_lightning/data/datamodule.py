@@ -13,7 +13,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Subset
 
-from reid_lightning.data.batch_normalize import normalize_batch
+from reid_lightning.data.batch_normalize import BatchNormalizer
 from reid_lightning.data.datasets.demo import prepare_demo
 from reid_lightning.data.epoch_stream import EpochStream
 from reid_lightning.data.image_dataset import ImageDataset, verify_images
@@ -105,7 +105,7 @@ class ReIDDataModule(pl.LightningDataModule):
             are the same either way.
         normalize_on_device: loader workers stop at uint8 images; the float conversion,
             normalisation and random erasing run on each batch on the model's device
-            (:func:`~reid_lightning.data.batch_normalize.normalize_batch`). The images are the
+            (:class:`~reid_lightning.data.batch_normalize.BatchNormalizer`). The images are the
             same either way.
         seed: seed of the identity sampler.
         batches_per_epoch: global training batches per epoch; default fast-reid's
@@ -174,6 +174,7 @@ class ReIDDataModule(pl.LightningDataModule):
         self.stream_epochs = stream_epochs
         self._train_stream: EpochStream | None = None
         self.normalize_on_device = normalize_on_device
+        self._normalize = BatchNormalizer()
         self.seed = seed
         self.batches_per_epoch = batches_per_epoch
         self.sampler = sampler
@@ -380,7 +381,7 @@ class ReIDDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Lightning's hook on every batch once it is on the model's device: uint8 images
         (``normalize_on_device``) become normalised, erased float32 images; other batches pass."""
-        return normalize_batch(batch)
+        return self._normalize(batch)
 
     def train_dataloader(self) -> DataLoader | EpochStream:
         loader = self.build_train_loader(*self.distributed_context())

@@ -6,7 +6,7 @@ uint8 tensor, which :func:`split_deterministic` separates from the rest so that 
 keep their result in memory (``ImageDataset(cache_images=True)``).
 
 With ``normalize=False`` they stop at uint8 and leave the float conversion, the normalisation
-and the random erasing to :func:`~reid_lightning.data.batch_normalize.normalize_batch`, which
+and the random erasing to :class:`~reid_lightning.data.batch_normalize.BatchNormalizer`, which
 runs on a whole batch on the model's device; the training pipeline then draws each erasing
 rectangle (:class:`RandomErasingBox`) with the same random numbers as ``v2.RandomErasing``.
 """
@@ -35,7 +35,7 @@ def _normalised(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transfor
 
 class RandomErasingBox(v2.RandomErasing):
     """Draws random erasing's rectangle without erasing: the last stage of a training pipeline
-    that hands uint8 images to :func:`~reid_lightning.data.batch_normalize.normalize_batch`.
+    that hands uint8 images to :class:`~reid_lightning.data.batch_normalize.BatchNormalizer`.
 
     It consumes torch's random numbers exactly as ``v2.RandomErasing(p, scale, ratio)`` does
     (the apply draw, then the area, aspect ratio and position draws), so that both pipelines
@@ -88,7 +88,7 @@ def build_train_transforms(
 
     With ``normalize=False`` the pipeline ends after the crop, with the uint8 image, or with
     ``{"images": uint8 image, "erase_box": rectangle}`` when ``erasing_prob > 0``
-    (:class:`RandomErasingBox`); :func:`~reid_lightning.data.batch_normalize.normalize_batch`
+    (:class:`RandomErasingBox`); :class:`~reid_lightning.data.batch_normalize.BatchNormalizer`
     of the collated batch then gives the normalised pipeline's images exactly.
 
     Args:
@@ -142,7 +142,7 @@ def build_test_transforms(
         mean: per-channel mean of the normalisation.
         std: per-channel standard deviation of the normalisation.
         normalize: False stops at the resized uint8 image, to be normalised as a batch by
-            :func:`~reid_lightning.data.batch_normalize.normalize_batch`.
+            :class:`~reid_lightning.data.batch_normalize.BatchNormalizer`.
 
     Returns:
         A callable mapping a PIL image to a ``(3, height, width)`` float32 tensor (uint8 with

@@ -272,7 +272,7 @@ def _model_input(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         raise TypeError(
             "the batch holds uint8 images: a loader of ReIDDataModule(normalize_on_device=True) leaves "
             "their normalisation to the datamodule's on_after_batch_transfer hook; pass the datamodule "
-            "(trainer.fit(module, datamodule=dm)), apply reid_lightning.data.batch_normalize.normalize_batch "
+            "(trainer.fit(module, datamodule=dm)), apply reid_lightning.data.batch_normalize.BatchNormalizer "
             "to the batch, or set data.normalize_on_device=false"
         )
     return images
