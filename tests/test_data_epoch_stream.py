@@ -7,7 +7,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from test_data_module import make_datamodule
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, SequentialSampler, TensorDataset
 
 from reid_lightning.data.epoch_stream import EpochStream
 from reid_lightning.data.seeded_sampler import SeededSampler
@@ -73,13 +73,14 @@ def test_stream_epochs_false_gives_the_plain_loader(data_root: Path) -> None:
     assert isinstance(dm.train_dataloader(), DataLoader)
 
 
-def test_the_stream_refuses_a_loader_it_cannot_follow() -> None:
-    plain = DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=2)
-    with pytest.raises(TypeError, match="EpochStream needs a loader over a SeededSampler, got SequentialSampler"):
-        EpochStream(plain)
-    seeded = SeededSampler(range(7))
+def test_the_stream_refuses_a_sampler_it_cannot_follow() -> None:
+    def make_loader(sampler):
+        return DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=2, sampler=sampler)
+
+    with pytest.raises(TypeError, match="EpochStream needs a SeededSampler, got SequentialSampler"):
+        EpochStream(SequentialSampler(range(8)), make_loader)
     with pytest.raises(ValueError, match="whole batches per epoch: the sampler yields 7 indices for batches of 2"):
-        EpochStream(DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=2, sampler=seeded))
+        EpochStream(SeededSampler(range(7)), make_loader)
 
 
 class TargetsProbe(pl.LightningModule):

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Sampler, Subset
 
 from reid_lightning.data.batch_normalize import BatchNormalizer
 from reid_lightning.data.datasets.demo import prepare_demo
@@ -337,6 +338,10 @@ class ReIDDataModule(pl.LightningDataModule):
             augmentation has its own seed (:class:`SeededSampler`), so it does not depend
             on the loader workers and a resumed epoch repeats the uninterrupted one.
         """
+        return self._train_loader(self._train_sampler(rank, world_size, epoch, stream), world_size)
+
+    def _train_sampler(self, rank: int, world_size: int, epoch: int | None, stream: int) -> SeededSampler:
+        """The seeded identity sampler of :meth:`build_train_loader`, set to its first epoch."""
         train = self.splits.train
         num_batches = self.batches_per_epoch or max(1, len(train) // self.batch_size)
         seed = self.seed if stream == 0 else int(np.random.SeedSequence([self.seed, stream]).generate_state(1)[0])
@@ -346,11 +351,16 @@ class ReIDDataModule(pl.LightningDataModule):
         )
         sampler = SeededSampler(identities, seed, rank)
         sampler.set_epoch(self._first_train_epoch() if epoch is None else epoch)
+        return sampler
+
+    def _train_loader(self, sampler: Sampler, world_size: int) -> DataLoader:
+        """The training loader over ``sampler``'s ``(index, seed)`` keys: one rank's batches of
+        ``batch_size // world_size`` augmented images."""
         transform = build_train_transforms(
             self.size, self.flip_prob, self.padding, self.erasing_prob, normalize=not self.normalize_on_device
         )
         return DataLoader(
-            ImageDataset(train, transform, cache_images=self.cache_images),
+            ImageDataset(self.splits.train, transform, cache_images=self.cache_images),
             batch_size=self.batch_size // world_size,
             sampler=sampler,
             drop_last=True,
@@ -384,11 +394,12 @@ class ReIDDataModule(pl.LightningDataModule):
         return self._normalize(batch)
 
     def train_dataloader(self) -> DataLoader | EpochStream:
-        loader = self.build_train_loader(*self.distributed_context())
+        rank, world_size = self.distributed_context()
         if not self.stream_epochs:
-            return loader
+            return self.build_train_loader(rank, world_size)
         self._close_train_stream()
-        self._train_stream = EpochStream(loader)
+        sampler = self._train_sampler(rank, world_size, None, stream=0)
+        self._train_stream = EpochStream(sampler, partial(self._train_loader, world_size=world_size))
         return self._train_stream
 
     def _close_train_stream(self) -> None:

@@ -5,10 +5,10 @@ ends (fast-reid's training sampler is infinite for the same reason).
 Built by :meth:`ReIDDataModule.train_dataloader <reid_lightning.data.ReIDDataModule.train_dataloader>`
 (``data.stream_epochs``)::
 
-    stream = EpochStream(datamodule.build_train_loader(rank, world_size))
+    stream = EpochStream(sampler, make_loader)   # make_loader(sampler): the one-epoch training loader
     for epoch in range(3):
         stream.sampler.set_epoch(epoch)     # what Lightning does at each epoch start
-        for batch in stream:                # the same batches as build_train_loader(..., epoch=epoch)
+        for batch in stream:                # the same batches as make_loader(sampler) of that epoch
             ...
 
 A plain ``DataLoader`` starts every epoch from an empty pipeline, even with persistent workers:
@@ -18,7 +18,7 @@ the step waits while each worker decodes and augments its first batch (on an H20
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch.utils.data import DataLoader, Sampler
@@ -42,42 +42,45 @@ class _EpochChain(Sampler[tuple[int, int]]):
 
 
 class EpochStream:
-    """Iterates ``loader``'s epochs from one iterator of a copy of it.
+    """Iterates the epochs of ``sampler`` from one loader iterator.
 
-    Each ``iter()`` yields one epoch, ``len(loader)`` batches: the epoch ``sampler.set_epoch`` last
-    selected (Lightning calls it at each epoch start). When that epoch follows the one the stream
-    just completed, the stream goes on; otherwise (the first epoch, a resumed run, after an epoch
-    cut short by ``limit_train_batches`` or ``max_steps``) it starts again at that epoch. The
-    batches are those of ``loader`` with ``sampler.set_epoch(epoch)``, whatever the path.
+    Each ``iter()`` yields one epoch, ``len(make_loader(sampler))`` batches: the epoch
+    ``sampler.set_epoch`` last selected (Lightning calls it at each epoch start). When that epoch
+    follows the one the stream just completed, the stream goes on; otherwise (the first epoch, a
+    resumed run, after an epoch cut short by ``limit_train_batches`` or ``max_steps``) it starts
+    again at that epoch. The batches are those of ``make_loader(sampler)`` after
+    ``sampler.set_epoch(epoch)``, whatever the path.
 
     Args:
-        loader: a one-epoch training loader whose sampler is a :class:`SeededSampler` that yields
-            whole batches (the identity samplers do).
+        sampler: the training sampler, a :class:`SeededSampler` that yields whole batches (the
+            identity samplers do).
+        make_loader: builds the training loader over a sampler of ``(index, seed)`` keys; the
+            stream calls it with ``sampler`` (to learn the epoch's length) and with a sampler
+            chaining ``sampler``'s epochs (the loader it iterates).
 
     Attributes:
-        sampler: ``loader``'s sampler (``set_epoch`` and ``epoch``, as on ``loader``).
-        batch_size, dataset: ``loader``'s.
+        sampler: ``sampler`` (``set_epoch`` and ``epoch``, as on a training loader).
+        batch_size, dataset: those of ``make_loader(sampler)``.
+
+    Raises:
+        TypeError: ``sampler`` is not a :class:`SeededSampler`.
+        ValueError: its epoch does not divide into whole batches.
     """
 
-    def __init__(self, loader: DataLoader) -> None:
-        if not isinstance(loader.sampler, SeededSampler):
-            raise TypeError(f"EpochStream needs a loader over a SeededSampler, got {type(loader.sampler).__name__}")
-        if len(loader.sampler) % loader.batch_size:
+    def __init__(self, sampler: SeededSampler, make_loader: Callable[[Sampler], DataLoader]) -> None:
+        if not isinstance(sampler, SeededSampler):
+            raise TypeError(f"EpochStream needs a SeededSampler, got {type(sampler).__name__}")
+        epoch_loader = make_loader(sampler)
+        if len(sampler) % epoch_loader.batch_size:
             raise ValueError(
-                f"EpochStream needs whole batches per epoch: the sampler yields {len(loader.sampler)} "
-                f"indices for batches of {loader.batch_size}"
+                f"EpochStream needs whole batches per epoch: the sampler yields {len(sampler)} "
+                f"indices for batches of {epoch_loader.batch_size}"
             )
-        self.sampler = loader.sampler
-        self.batch_size = loader.batch_size
-        self.dataset = loader.dataset
-        self._length = len(loader)
-        self._options = {
-            "batch_size": loader.batch_size, "drop_last": True, "num_workers": loader.num_workers,
-            "collate_fn": loader.collate_fn, "pin_memory": loader.pin_memory, "timeout": loader.timeout,
-            "worker_init_fn": loader.worker_init_fn, "multiprocessing_context": loader.multiprocessing_context,
-            "generator": loader.generator, "persistent_workers": loader.persistent_workers,
-            **({"prefetch_factor": loader.prefetch_factor} if loader.num_workers > 0 else {}),
-        }
+        self.sampler = sampler
+        self.batch_size = epoch_loader.batch_size
+        self.dataset = epoch_loader.dataset
+        self._length = len(epoch_loader)
+        self._make_loader = make_loader
         self._stream: Iterator[Any] | None = None
         self._loader: DataLoader | None = None
         self._next_epoch: int | None = None  # the epoch the stream goes on with; None: it must restart
@@ -98,8 +101,7 @@ class EpochStream:
 
     def _restart(self, epoch: int) -> None:
         self.close()
-        chain = _EpochChain(copy.deepcopy(self.sampler), start=epoch)
-        self._loader = DataLoader(self.dataset, sampler=chain, **self._options)
+        self._loader = self._make_loader(_EpochChain(copy.deepcopy(self.sampler), start=epoch))
         self._stream = iter(self._loader)
 
     def close(self) -> None:
