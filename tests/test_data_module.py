@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -78,9 +79,7 @@ def test_train_batches(data_root: Path) -> None:
     dm = make_datamodule(data_root)
     loader = dm.train_dataloader()
     assert len(loader) == len(dm.splits.train) // 8
-    batch = next(iter(loader))
-    assert set(batch) == {"images", "targets", "camids", "erase_box"} and batch["images"].dtype == torch.uint8
-    batch = dm.on_after_batch_transfer(batch, 0)
+    batch = next(iter(loader))  # normalize_on_device "auto" without CUDA: normalised in the workers
     assert set(batch) == {"images", "targets", "camids"}
     assert batch["images"].shape == (8, 3, 32, 16) and batch["images"].dtype == torch.float32
     assert batch["targets"].dtype == torch.int64 and batch["camids"].dtype == torch.int64
@@ -241,3 +240,15 @@ def test_datamodule_batches_are_the_same_either_way(data_root) -> None:
             assert batch_on.keys() == batch_off.keys()
             for key in batch_off:
                 assert torch.equal(batch_on[key], batch_off[key]), key
+
+
+def test_normalize_on_device_auto_follows_the_trainers_device(data_root: Path) -> None:
+    dm = make_datamodule(data_root)
+    assert dm.normalize_on_device == "auto" and dm.normalizes_on_device() == torch.cuda.is_available()
+    for device, expected in (("cpu", False), ("cuda", True)):
+        dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+        assert dm.normalizes_on_device() is expected
+    dm.trainer = None
+    assert make_datamodule(data_root, normalize_on_device=True).normalizes_on_device() is True
+    with pytest.raises(ValueError, match="data.normalize_on_device must be true, false or auto, got 'yes'"):
+        make_datamodule(data_root, normalize_on_device="yes")

@@ -118,7 +118,7 @@ def batches_forever(loader: torch.utils.data.DataLoader) -> Iterator[dict[str, A
 
 def time_loader(cfg: DictConfig, iters: int, warmup: int, worker_counts: list[int]) -> dict[str, Any]:
     """Images/s of the training loader for each worker count (after ``warmup`` batches); with
-    ``data.normalize_on_device`` (the default) its batches hold uint8 images, normalised later on the device.
+    ``data.normalize_on_device`` (auto: on a GPU) its batches hold uint8 images, normalised later on the device.
 
     Returns:
         the summary of the fastest count, with ``by_workers`` (``{count: images/s}``).

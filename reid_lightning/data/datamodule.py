@@ -107,7 +107,8 @@ class ReIDDataModule(pl.LightningDataModule):
         normalize_on_device: loader workers stop at uint8 images; the float conversion,
             normalisation and random erasing run on each batch on the model's device
             (:class:`~reid_lightning.data.batch_normalize.BatchNormalizer`). The images are the
-            same either way.
+            same either way. ``"auto"``: on when the model trains on a GPU (the attached
+            trainer's device is CUDA; without a trainer, when CUDA is available).
         seed: seed of the identity sampler.
         batches_per_epoch: global training batches per epoch; default fast-reid's
             epoch, ``len(train images) // batch_size`` (at least 1).
@@ -123,7 +124,8 @@ class ReIDDataModule(pl.LightningDataModule):
             (:class:`~reid_lightning.data.samplers.BalancedIdentitySampler`).
 
     Raises:
-        ValueError: for an unknown ``sampler``.
+        ValueError: for an unknown ``sampler``, or a ``normalize_on_device`` other than true,
+            false or auto.
     """
 
     def __init__(
@@ -145,7 +147,7 @@ class ReIDDataModule(pl.LightningDataModule):
         verify_images: bool = False,
         cache_images: bool = False,
         stream_epochs: bool = True,
-        normalize_on_device: bool = True,
+        normalize_on_device: bool | str = "auto",
         seed: int = 0,
         batches_per_epoch: int | None = None,
         sampler: str = "naive",
@@ -156,6 +158,8 @@ class ReIDDataModule(pl.LightningDataModule):
         super().__init__()
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown data.sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        if not isinstance(normalize_on_device, bool) and normalize_on_device != "auto":
+            raise ValueError(f"data.normalize_on_device must be true, false or auto, got {normalize_on_device!r}")
         self.save_hyperparameters(logger=False)  # saved in checkpoints; scripts/train.py logs the whole config
         self.dataset = dataset
         self.root = str(root)
@@ -314,6 +318,14 @@ class ReIDDataModule(pl.LightningDataModule):
             return self.trainer.global_rank, self.trainer.world_size
         return distributed_context()
 
+    def normalizes_on_device(self) -> bool:
+        """Whether the loaders built now hand over uint8 images (``normalize_on_device`` resolved)."""
+        if self.normalize_on_device != "auto":
+            return bool(self.normalize_on_device)
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
     def _loader_options(self) -> dict[str, Any]:
         return {
             "num_workers": self.num_workers,
@@ -357,7 +369,7 @@ class ReIDDataModule(pl.LightningDataModule):
         """The training loader over ``sampler``'s ``(index, seed)`` keys: one rank's batches of
         ``batch_size // world_size`` augmented images."""
         transform = build_train_transforms(
-            self.size, self.flip_prob, self.padding, self.erasing_prob, normalize=not self.normalize_on_device
+            self.size, self.flip_prob, self.padding, self.erasing_prob, normalize=not self.normalizes_on_device()
         )
         return DataLoader(
             ImageDataset(self.splits.train, transform, cache_images=self.cache_images),
@@ -381,7 +393,7 @@ class ReIDDataModule(pl.LightningDataModule):
             A sequential loader of ``test_batch_size`` images per batch.
         """
         split = split or next(iter(self.test_splits.values()))
-        transform = build_test_transforms(self.size, normalize=not self.normalize_on_device)
+        transform = build_test_transforms(self.size, normalize=not self.normalizes_on_device())
         full = ImageDataset.for_test(split.query, split.gallery, transform)
         share = Subset(full, list(shard_range(len(full), rank, world_size)))
         return DataLoader(
