@@ -65,9 +65,9 @@ class ImageDataset(Dataset):
     ``dataset[i]`` is a dict ``{"images": tensor, "targets": pid, "camids": camid}``,
     plus ``"index": i`` when ``with_index`` and ``"is_query": i < query_count`` when
     ``query_count`` is given; a transform that returns a dict (a ``normalize=False`` training
-    pipeline: ``{"images": ..., "erase_box": ...}``) gives its keys instead of ``"images"``. ``dataset[(i, seed)]`` (keys of :class:`SeededSampler`) runs the
-    transform on torch's CPU generator seeded with ``seed``. Build the evaluation set with
-    :meth:`for_test`.
+    pipeline: ``{"images": ..., "erase_box": ...}``) gives its keys instead of ``"images"``.
+    ``dataset[(i, seed)]`` (keys of :class:`SeededSampler`) runs the transform on torch's CPU
+    generator seeded with ``seed``. Build the evaluation set with :meth:`for_test`.
 
     With ``cache_images`` the result of the transform's deterministic stages (decode, resize,
     uint8 tensor: :func:`~reid_lightning.data.transforms.split_deterministic`) is kept in memory
