@@ -18,7 +18,8 @@ that step) and one for the step again at the end. Variants:
 * ``no_pin_memory``: ``data.pin_memory=false``;
 * ``file_system_sharing``: workers hand tensors over by file name instead of file descriptor;
 * ``float_batches``: ``data.normalize_on_device=false``, the workers normalise and erase and the
-  batches travel as float32.
+  batches travel as float32;
+* ``no_image_cache``: ``data.cache_images=false``, every image decoded and resized at each use.
 
 ``--py-spy FILE`` (py-spy on the PATH) samples every thread of the ``default`` variant, run a second
 time, into FILE (raw stacks) and prints the main thread's time per part of the step.

@@ -49,6 +49,10 @@ bench fit_nchw "$LIMIT" --mode fit --workers "$FIT_WORKERS"
 # float32 batches normalised in the workers (before data.normalize_on_device): loader and fit
 bench loader_float "$LIMIT" --mode loader --workers "$WORKERS" data.normalize_on_device=false
 bench fit_cl_float "$LIMIT" --mode fit --workers "$FIT_WORKERS" --channels-last data.normalize_on_device=false
+# data.cache_images (auto: on): the loader once every image is in the cache (after one epoch of
+# 115 batches at batch 64 on CUHK03-NP), and the fit without the cache
+bench loader_cached "$LIMIT" --mode loader --workers "$WORKERS" --warmup $((WARMUP + 115))
+bench fit_cl_no_cache "$LIMIT" --mode fit --workers "$FIT_WORKERS" --channels-last data.cache_images=false
 bench optimizer "$LIMIT" --mode optimizer --iters 20 --warmup 3
 if [ "$COMPILE" = 1 ]; then  # compile_kwargs' default mode, reduce-overhead (CUDA graphs)
     bench fit_cl_compile $((2 * LIMIT)) --mode fit --workers "$FIT_WORKERS" --channels-last --compile

@@ -4,10 +4,13 @@
     python scripts/benchmark_train.py --mode fit --model bot_r50 --device cuda --precision bf16-mixed \
         --channels-last --workers 8 --data /data/market1501
     python scripts/benchmark_train.py --mode optimizer --model bot_r18 --iters 5
+    python scripts/benchmark_train.py --mode epochs --epochs 4 --workers 8 --data /data/cuhk03-np/detected
 
 Each mode prints one JSON line: ``mode``, ``images_per_s``, ``s_per_iter``, ``iters``, ``device``,
 ``precision`` and the settings; ``loader`` adds ``by_workers`` (images/s for each count of
-``--workers 0,2,4``), ``fit`` adds ``fit_over_step`` (its images/s over the bare step's, the step
+``--workers 0,2,4``), ``epochs`` adds ``s_per_epoch`` and ``pss_gb`` (each epoch's seconds from
+cold workers, and the memory of the process and its workers after it; ``images_per_s`` is that
+of the epochs after the first), ``fit`` adds ``fit_over_step`` (its images/s over the bare step's, the step
 timed in the same process before and after the fit, averaged). ``--mode fit`` prints the step's
 line first. ``optimizer`` (not part of ``all``) prints the optimizer step's milliseconds with
 torch's fused kernel and with the per-tensor loop. See :mod:`reid_lightning.cli.train_benchmark` for what each mode times.
@@ -23,13 +26,14 @@ from reid_lightning.cli import train_benchmark as bench
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=["loader", "step", "fit", "all", "optimizer"], default="all")
+    parser.add_argument("--mode", choices=["loader", "epochs", "step", "fit", "all", "optimizer"], default="all")
     parser.add_argument("--model", default="bot_r50", help="a conf/model option (random init)")
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--batch", type=int, default=64, help="global batch (identities x 4)")
     parser.add_argument("--iters", type=int, default=50, help="timed iterations")
     parser.add_argument("--warmup", type=int, default=10, help="untimed iterations before them")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of --mode epochs")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--precision", choices=["32", "bf16-mixed", "16-mixed"], default="32")
     parser.add_argument("--channels-last", action="store_true")
@@ -53,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.mode == "optimizer":
         print(json.dumps(bench.time_optimizer(cfg, args.iters, args.warmup)), flush=True)
+        return
+    if args.mode == "epochs":
+        print(json.dumps(bench.time_loader_epochs(cfg, args.epochs)), flush=True)
         return
     modes = ["loader", "step", "fit"] if args.mode == "all" else [args.mode]
     step = None

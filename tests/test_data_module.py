@@ -90,11 +90,25 @@ def test_train_batches(data_root: Path) -> None:
 
 
 def test_cache_images_gives_the_same_batches_and_fills_the_cache(data_root: Path) -> None:
-    plain, cached = make_datamodule(data_root), make_datamodule(data_root, cache_images=True)
+    plain, cached = make_datamodule(data_root, cache_images=False), make_datamodule(data_root, cache_images=True)
     loaders = [plain.build_train_loader(0, 1, epoch=0), cached.build_train_loader(0, 1, epoch=0)]
     for a, b in zip(*loaders):
         assert torch.equal(a["images"], b["images"]) and torch.equal(a["targets"], b["targets"])
     assert loaders[0].dataset.cache is None and len(loaders[1].dataset.cache) > 0
+
+
+def test_the_image_cache_is_one_for_all_workers_and_training_loaders(data_root: Path) -> None:
+    dm = make_datamodule(data_root, cache_images=True, num_workers=2, persistent_workers=False)
+    first = dm.build_train_loader(0, 1, epoch=0)
+    cache = first.dataset.cache
+    assert cache.count == len(dm.splits.train) and cache.shape == (3, 32, 16)
+    assert len(cache) == 0
+    for _ in first:
+        pass
+    # the two forked workers stored their images in the one mapping this process reads
+    assert len(cache) == len({index for index, _ in first.sampler}) > 0
+    for other in (dm.build_train_loader(0, 1, epoch=1), dm.build_train_loader(0, 1, epoch=0, stream=1)):
+        assert other.dataset.cache is cache
 
 
 def test_test_loader_covers_query_and_gallery_once(data_root: Path) -> None:
@@ -252,3 +266,36 @@ def test_normalize_on_device_auto_follows_the_trainers_device(data_root: Path) -
     assert make_datamodule(data_root, normalize_on_device=True).normalizes_on_device() is True
     with pytest.raises(ValueError, match="data.normalize_on_device must be true, false or auto, got 'yes'"):
         make_datamodule(data_root, normalize_on_device="yes")
+
+
+def test_cache_images_auto_fits_the_caches_of_all_processes_in_a_quarter_of_memory(data_root, monkeypatch) -> None:
+    from reid_lightning.data import datamodule
+
+    dm = make_datamodule(data_root)
+    assert dm.cache_images == "auto"
+    one_process = len(dm.splits.train) * 3 * 32 * 16
+    monkeypatch.setattr(datamodule, "memory_limit_bytes", lambda: 8 * one_process)
+    assert dm.caches_images() is True
+    dm.trainer = SimpleNamespace(num_devices=2)
+    assert dm.caches_images() is True
+    dm.trainer = SimpleNamespace(num_devices=3)
+    assert dm.caches_images() is False
+    dm.trainer = None
+    assert make_datamodule(data_root, cache_images=False).build_train_loader(0, 1, epoch=0).dataset.cache is None
+    monkeypatch.setattr(datamodule, "memory_limit_bytes", lambda: 4 * one_process - 1)
+    assert dm.caches_images() is False and dm.build_train_loader(0, 1, epoch=0).dataset.cache is None
+    with pytest.raises(ValueError, match="data.cache_images must be true, false or auto, got 'on'"):
+        make_datamodule(data_root, cache_images="on")
+
+
+def test_an_image_cache_the_system_refuses_stops_only_a_forced_cache(data_root, monkeypatch) -> None:
+    from reid_lightning.data import datamodule
+
+    def refuse(count, shape):
+        raise MemoryError("cannot map 9.00 GB for the image cache: [Errno 12] Cannot allocate memory")
+
+    monkeypatch.setattr(datamodule, "SharedImageCache", refuse)
+    with pytest.raises(MemoryError, match="Cannot allocate memory; set data.cache_images=false"):
+        make_datamodule(data_root, cache_images=True).build_train_loader(0, 1, epoch=0)
+    dm = make_datamodule(data_root)
+    assert dm.build_train_loader(0, 1, epoch=0).dataset.cache is None and dm.cache_images is False

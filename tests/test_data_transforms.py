@@ -82,6 +82,7 @@ def test_invalid_arguments() -> None:
 
 
 def test_cached_dataset_items_equal_uncached_ones(tmp_path) -> None:
+    from reid_lightning.data.image_cache import SharedImageCache
     from reid_lightning.data.image_dataset import ImageDataset
     from reid_lightning.data.samples import Sample
     from reid_lightning.data.transforms import split_deterministic
@@ -92,12 +93,13 @@ def test_cached_dataset_items_equal_uncached_ones(tmp_path) -> None:
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 20, 3), dtype=np.uint8)).save(paths[-1])
     samples = [Sample(path, pid=i, camid=0) for i, path in enumerate(paths)]
     transform = build_train_transforms((32, 16), padding=3)
-    prepare, augment = split_deterministic(transform)
+    prepare = split_deterministic(transform)[0]
     assert [type(s).__name__ for s in prepare.transforms] == ["Resize", "ToImage"]
-    plain, cached = ImageDataset(samples, transform), ImageDataset(samples, transform, cache_images=True)
+    cache = SharedImageCache(3, (3, 32, 16))
+    plain, cached = ImageDataset(samples, transform), ImageDataset(samples, transform, cache=cache)
     for epoch in range(3):  # the first epoch fills the cache, the later ones read it
         for i in range(3):
             a, b = plain[(i, 100 * epoch + i)], cached[(i, 100 * epoch + i)]
             assert torch.equal(a["images"], b["images"]) and a["targets"] == b["targets"]
-    assert sorted(cached.cache) == [0, 1, 2] and cached.cache[0].dtype == torch.uint8
+    assert len(cache) == 3 and torch.equal(cache.get(0), prepare(Image.open(paths[0]).convert("RGB")))
     assert plain.cache is None

@@ -227,6 +227,56 @@ def test_benchmark_train_optimizer_mode_times_fused_and_loop(tmp_path: Path) -> 
     assert line["fused_speedup"] == pytest.approx(line["ms_per_step_loop"] / line["ms_per_step_fused"], rel=0.02)
 
 
+def test_benchmark_train_epochs_mode_times_each_epoch_and_the_memory(tmp_path: Path) -> None:
+    proc = run_script(
+        "benchmark_train.py",
+        ["--mode", "epochs", "--epochs", "3", "--model", "bot_r18", "--height", "32", "--width", "16", "--batch", "8",
+         "--workers", "2", "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out"), *SMALL_DEMO,
+         "data.cache_images=true"],
+        cwd=tmp_path,
+    )
+    (line,) = _json_lines(proc)
+    assert line["mode"] == "epochs" and len(line["s_per_epoch"]) == len(line["pss_gb"]) == 3
+    # 2 batches of 8 per epoch: the two epochs after the first
+    assert line["iters"] == 4 and line["images_per_s"] == pytest.approx(32 / sum(line["s_per_epoch"][1:]), rel=0.01)
+    assert all(0 < size < 64 for size in line["pss_gb"])
+    bad = run_script("benchmark_train.py", ["--mode", "epochs", "--epochs", "1"], cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and "give --epochs 2 or more, got 1" in bad.stderr
+
+
+def test_process_tree_pss_counts_a_shared_mapping_once() -> None:
+    import multiprocessing
+
+    from reid_lightning.cli.train_benchmark import process_tree_pss_bytes
+    from reid_lightning.data.image_cache import SharedImageCache
+
+    cache = SharedImageCache(512, (3, 256, 128))  # 48 MiB
+    for index in range(512):
+        cache.put(index, torch.full((3, 256, 128), index % 256, dtype=torch.uint8))
+    before = process_tree_pss_bytes()
+    context = multiprocessing.get_context("fork")
+    ready, done = context.Event(), context.Event()
+    child = context.Process(target=_read_all_and_wait, args=(cache, ready, done))
+    child.start()
+    try:
+        assert ready.wait(30)
+        during = process_tree_pss_bytes()
+    finally:
+        done.set()
+        child.join(30)
+        child.kill()
+    # the child reads all 48 MiB too: what it adds is its own few pages, not a second copy
+    assert before > 48 * 2**20 and during - before < 24 * 2**20
+
+
+def _read_all_and_wait(cache, ready, done) -> None:
+    torch.set_num_threads(1)  # as a loader worker: a forked child must not enter the parent's OpenMP pool
+    total = sum(int(cache.get(index).sum(dtype=torch.int64)) for index in range(cache.count))
+    assert total == 3 * 256 * 128 * sum(index % 256 for index in range(cache.count))
+    ready.set()
+    done.wait(30)
+
+
 def test_fit_variants_print_one_line_per_variant(tmp_path: Path) -> None:
     proc = run_script(
         "benchmark_fit_variants.py",

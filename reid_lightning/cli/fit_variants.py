@@ -81,6 +81,7 @@ def variants(workers: int) -> dict[str, tuple[list[str], dict[str, Callable]]]:
         "no_pin_memory": (["data.pin_memory=false"], {}),
         "file_system_sharing": ([], {"train_dataloader": _file_system_loader}),
         "float_batches": (["data.normalize_on_device=false"], {}),
+        "no_image_cache": (["data.cache_images=false"], {}),
     }
 
 

@@ -2,6 +2,8 @@
 
 * ``loader``: the training loader alone (decode + BoT transforms + collate), images/s for each
   worker count;
+* ``epochs``: the training loader alone over whole epochs from cold workers (the image cache's
+  effect): seconds per epoch and the memory of the main process and its workers after each;
 * ``step``: forward + losses + backward + optimizer step on one batch already on the device (the
   bare limit of the model);
 * ``optimizer``: ``optimizer.step`` alone on the model's parameters, torch's fused kernel and the
@@ -19,6 +21,7 @@ Called as::
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -140,6 +143,53 @@ def time_loader(cfg: DictConfig, iters: int, warmup: int, worker_counts: list[in
     seconds = cfg.data.batch_size * iters / by_workers[best]
     return _summary("loader", cfg, cfg.data.batch_size * iters, seconds, iters, workers=best,
                     by_workers={str(k): round(v, 2) for k, v in by_workers.items()})
+
+
+def process_tree_pss_bytes() -> int | None:
+    """Proportional set size of this process and its children (shared pages split between the
+    processes that map them, so a shared cache counts once), from ``/proc``; None elsewhere."""
+    me = os.getpid()
+    total = 0
+    try:
+        pids = [me] + [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _parent(pid) == me]
+        for pid in pids:
+            with open(f"/proc/{pid}/smaps_rollup") as rollup:
+                total += sum(int(line.split()[1]) * 1024 for line in rollup if line.startswith("Pss:"))
+    except OSError:
+        return None
+    return total
+
+
+def _parent(pid: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):  # the process ended meanwhile
+        return None
+
+
+def time_loader_epochs(cfg: DictConfig, epochs: int) -> dict[str, Any]:
+    """The training loader over ``epochs`` whole epochs from a cold start (``data.num_workers``).
+
+    Returns:
+        the summary of the epochs after the first (images/s), with ``s_per_epoch`` (each epoch's
+        seconds) and ``pss_gb`` (:func:`process_tree_pss_bytes` after each epoch, in GiB).
+    """
+    if epochs < 2:
+        raise ValueError(f"--mode epochs times the epochs after the first: give --epochs 2 or more, got {epochs}")
+    loader = build_datamodule(cfg.data).build_train_loader(0, 1)
+    batches = batches_forever(loader)
+    seconds, pss = [], []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for _ in range(len(loader)):
+            next(batches)
+        seconds.append(round(time.perf_counter() - start, 3))
+        size = process_tree_pss_bytes()
+        pss.append(None if size is None else round(size / 2**30, 3))
+    iters = len(loader) * (epochs - 1)
+    del batches, loader
+    return _summary("epochs", cfg, cfg.data.batch_size * iters, sum(seconds[1:]), iters, s_per_epoch=seconds, pss_gb=pss)
 
 
 def _autocast(device: torch.device, precision: str):

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from reid_lightning.data.batch_normalize import BatchNormalizer
 from reid_lightning.data.datasets.demo import prepare_demo
 from reid_lightning.data.epoch_stream import EpochStream
+from reid_lightning.data.image_cache import SharedImageCache, memory_limit_bytes
 from reid_lightning.data.image_dataset import ImageDataset, verify_images
 from reid_lightning.data.multi_dataset import (
     DatasetEntry,
@@ -97,9 +98,13 @@ class ReIDDataModule(pl.LightningDataModule):
         pin_memory: pin host memory (only when CUDA is available).
         persistent_workers: keep workers alive between epochs (only with ``num_workers > 0``).
         verify_images: check every image file with PIL at set-up; fail listing the bad ones.
-        cache_images: keep each decoded, resized training image in memory (uint8) after its
-            first epoch, in each loader worker: ``3 x height x width`` bytes per image per worker
-            (see :class:`~reid_lightning.data.image_dataset.ImageDataset`).
+        cache_images: keep each decoded, resized training image in memory (uint8) once it has been
+            read, one copy that all loader workers share and fill (and ``PreciseBN``'s loader
+            too): ``3 x height x width`` bytes per training image at most
+            (:class:`~reid_lightning.data.image_cache.SharedImageCache`); later epochs skip the
+            decode and the resize, and the batches are the same. ``"auto"``: on when the caches
+            of all training processes on this machine (the trainer's devices) fill at most a
+            quarter of its memory (:func:`~reid_lightning.data.image_cache.memory_limit_bytes`).
         stream_epochs: ``train_dataloader`` (what ``trainer.fit`` iterates) goes from one epoch
             to the next without emptying the loader, so the first batches of an epoch are ready
             when it starts (:class:`~reid_lightning.data.epoch_stream.EpochStream`); the batches
@@ -145,7 +150,7 @@ class ReIDDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         verify_images: bool = False,
-        cache_images: bool = False,
+        cache_images: bool | str = "auto",
         stream_epochs: bool = True,
         normalize_on_device: bool | str = "auto",
         seed: int = 0,
@@ -153,13 +158,14 @@ class ReIDDataModule(pl.LightningDataModule):
         sampler: str = "naive",
         train_sets: list[str | dict[str, Any]] | None = None,
         test_sets: list[str | dict[str, Any]] | None = None,
-        val_identities: int | float = 0,
+        val_identities: float = 0,
     ) -> None:
         super().__init__()
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown data.sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-        if not isinstance(normalize_on_device, bool) and normalize_on_device != "auto":
-            raise ValueError(f"data.normalize_on_device must be true, false or auto, got {normalize_on_device!r}")
+        for name, value in (("normalize_on_device", normalize_on_device), ("cache_images", cache_images)):
+            if not isinstance(value, bool) and value != "auto":
+                raise ValueError(f"data.{name} must be true, false or auto, got {value!r}")
         self.save_hyperparameters(logger=False)  # saved in checkpoints; scripts/train.py logs the whole config
         self.dataset = dataset
         self.root = str(root)
@@ -176,6 +182,7 @@ class ReIDDataModule(pl.LightningDataModule):
         self.persistent_workers = persistent_workers
         self.verify_images = verify_images
         self.cache_images = cache_images
+        self._image_cache: SharedImageCache | None = None
         self.stream_epochs = stream_epochs
         self._train_stream: EpochStream | None = None
         self.normalize_on_device = normalize_on_device
@@ -372,12 +379,39 @@ class ReIDDataModule(pl.LightningDataModule):
             self.size, self.flip_prob, self.padding, self.erasing_prob, normalize=not self.normalizes_on_device()
         )
         return DataLoader(
-            ImageDataset(self.splits.train, transform, cache_images=self.cache_images),
+            ImageDataset(self.splits.train, transform, cache=self._train_image_cache()),
             batch_size=self.batch_size // world_size,
             sampler=sampler,
             drop_last=True,
             **self._loader_options(),
         )
+
+    def caches_images(self) -> bool:
+        """Whether the training loaders keep the decoded images (``cache_images`` resolved)."""
+        if self.cache_images != "auto":
+            return bool(self.cache_images)
+        processes = self.trainer.num_devices if self.trainer is not None else 1
+        return processes * len(self.splits.train) * 3 * self.size[0] * self.size[1] <= memory_limit_bytes() // 4
+
+    def _train_image_cache(self) -> SharedImageCache | None:
+        """The training images' shared cache (``cache_images``), made before the first training
+        loader's workers start and kept for every later one; under ``auto``, none where the
+        system refuses the memory."""
+        if self._image_cache is None and self.caches_images():
+            try:
+                self._image_cache = SharedImageCache(len(self.splits.train), (3, *self.size))
+            except MemoryError as error:
+                if self.cache_images is True:
+                    raise MemoryError(f"{error}; set data.cache_images=false to train without it") from error
+                log.warning("data.cache_images=auto: %s; training without the cache", error)
+                self.cache_images = False
+                return None
+            gigabytes = self._image_cache.nbytes / 2**30
+            rank_zero_only(log.info)(
+                "data.cache_images: keeping the %d decoded training images, %.2f GB at most",
+                self._image_cache.count, gigabytes,
+            )
+        return self._image_cache
 
     def build_test_loader(self, rank: int, world_size: int, split: ReIDSplits | None = None) -> DataLoader:
         """Builds the evaluation loader of one rank: its contiguous share (see

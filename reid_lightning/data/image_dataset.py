@@ -9,12 +9,14 @@ it fails to decode one (a training run stops at the first bad file it meets);
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from reid_lightning.data.image_cache import SharedImageCache
 from reid_lightning.data.samples import Sample
 from reid_lightning.data.seeded_sampler import torch_seeded
 from reid_lightning.data.transforms import split_deterministic
@@ -69,19 +71,19 @@ class ImageDataset(Dataset):
     ``dataset[(i, seed)]`` (keys of :class:`SeededSampler`) runs the transform on torch's CPU
     generator seeded with ``seed``. Build the evaluation set with :meth:`for_test`.
 
-    With ``cache_images`` the result of the transform's deterministic stages (decode, resize,
-    uint8 tensor: :func:`~reid_lightning.data.transforms.split_deterministic`) is kept in memory
-    at its first use, so that later epochs only run the random augmentation: ``3 x height x
-    width`` bytes per image in each loader worker (workers must persist between epochs to keep
-    theirs). Items are the same with or without it.
+    With a ``cache`` the result of the transform's deterministic stages (decode, resize, uint8
+    tensor: :func:`~reid_lightning.data.transforms.split_deterministic`) is stored there at its
+    first use, by whichever loader worker meets the image first, so that later epochs only run the
+    random augmentation. Items are the same with or without it.
 
     Args:
         samples: the samples, kept as ``dataset.samples``.
         transform: maps a PIL RGB image to a tensor, or to a dict holding ``"images"`` (a
-            ``v2.Compose`` of :mod:`reid_lightning.data.transforms` when ``cache_images``).
+            ``v2.Compose`` of :mod:`reid_lightning.data.transforms` when ``cache`` is given).
         with_index: add each item's position as ``"index"``.
         query_count: the first ``query_count`` samples are queries; adds ``"is_query"``.
-        cache_images: keep each decoded, resized image in memory.
+        cache: a :class:`~reid_lightning.data.image_cache.SharedImageCache` of one slot per
+            sample, shaped as the deterministic stages' output, kept as ``dataset.cache``.
 
     Raises:
         ValueError: ``query_count`` outside ``0..len(samples)``.
@@ -93,21 +95,23 @@ class ImageDataset(Dataset):
         transform: Callable[[Image.Image], torch.Tensor | dict[str, torch.Tensor]],
         with_index: bool = False,
         query_count: int | None = None,
-        cache_images: bool = False,
+        cache: SharedImageCache | None = None,
     ) -> None:
         if query_count is not None and not 0 <= query_count <= len(samples):
             raise ValueError(f"query_count {query_count} lies outside 0..{len(samples)}")
+        if cache is not None and cache.count != len(samples):
+            raise ValueError(f"the image cache has {cache.count} slots for {len(samples)} samples")
         self.samples = list(samples)
         self.transform = transform
         self.with_index = with_index
         self.query_count = query_count
-        self.cache: dict[int, torch.Tensor] | None = {} if cache_images else None
-        self._prepare, self._augment = split_deterministic(transform) if cache_images else (None, transform)
+        self.cache = cache
+        self._prepare, self._augment = split_deterministic(transform) if cache is not None else (None, transform)
 
     @classmethod
     def for_test(
         cls, query: Sequence[Sample], gallery: Sequence[Sample], transform: Callable[[Image.Image], torch.Tensor]
-    ) -> "ImageDataset":
+    ) -> ImageDataset:
         """Builds the evaluation set: queries first, then the gallery, with ``"index"``
         (position in that concatenation) and ``"is_query"`` in every item.
 
@@ -125,12 +129,14 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def _image(self, index: int) -> Image.Image | torch.Tensor:
-        """The decoded image, or with ``cache_images`` its cached deterministic stages."""
+        """The decoded image, or with a ``cache`` its cached deterministic stages."""
         if self.cache is None:
             return read_image(self.samples[index].path)
-        if index not in self.cache:
-            self.cache[index] = self._prepare(read_image(self.samples[index].path))
-        return self.cache[index]
+        image = self.cache.get(index)
+        if image is None:
+            image = self._prepare(read_image(self.samples[index].path))
+            self.cache.put(index, image)
+        return image
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, seed = key if isinstance(key, tuple) else (key, None)

@@ -3,7 +3,7 @@
 Both pipelines take a PIL RGB image and return a normalised float32 tensor of
 shape ``(3, height, width)``. Each starts with the deterministic resize and conversion to a
 uint8 tensor, which :func:`split_deterministic` separates from the rest so that a dataset can
-keep their result in memory (``ImageDataset(cache_images=True)``).
+keep their result in memory (``ImageDataset(cache=SharedImageCache(...))``).
 
 With ``normalize=False`` they stop at uint8 and leave the float conversion, the normalisation
 and the random erasing to :class:`~reid_lightning.data.batch_normalize.BatchNormalizer`, which
@@ -13,7 +13,7 @@ rectangle (:class:`RandomErasingBox`) with the same random numbers as ``v2.Rando
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torchvision.transforms import InterpolationMode, v2
