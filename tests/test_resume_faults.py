@@ -63,9 +63,9 @@ def small_demo_root(tmp_path_factory) -> Path:
     return root
 
 
-def kill_after_iteration(args: list[str], run_dir: Path, iteration: int, cwd: Path) -> None:
+def kill_after_iteration(args: list[str], run_dir: Path, iteration: int, cwd: Path, written: Path | None = None) -> None:
     """Start ``train.py`` and SIGKILL it once its ``metrics.jsonl`` (PeriodicWriter, period 1)
-    records ``iteration``."""
+    records ``iteration`` (and the file ``written`` exists: checkpoints are written in the background)."""
     command, env = script_command("train.py", args)
     log_path = cwd / f"{run_dir.name}.log"
     with open(log_path, "w") as log:
@@ -75,7 +75,8 @@ def kill_after_iteration(args: list[str], run_dir: Path, iteration: int, cwd: Pa
     try:
         while proc.poll() is None and time.monotonic() < deadline:
             lines = jsonl.read_text().splitlines() if jsonl.is_file() else []
-            if any(json.loads(line)["iteration"] >= iteration for line in lines if line.endswith("}")):
+            reached = any(json.loads(line)["iteration"] >= iteration for line in lines if line.endswith("}"))
+            if reached and (written is None or written.exists()):
                 os.kill(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.02)
@@ -118,9 +119,10 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(small_demo_r
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     run_script("train.py", [*args, f"hydra.run.dir={whole}"], cwd=tmp_path)
 
-    # killed after the first step of epoch 1 (steps 4-7), in the warmup: last.ckpt holds epoch 0
-    kill_after_iteration([*args, f"hydra.run.dir={broken}"], broken, STEPS_PER_EPOCH, cwd=tmp_path)
+    # killed after the first step of epoch 1 (steps 4-7), in the warmup, once last.ckpt of epoch 0
+    # is on disk (async_checkpoints: written while epoch 1 runs)
     last = broken / "checkpoints" / "last.ckpt"
+    kill_after_iteration([*args, f"hydra.run.dir={broken}"], broken, STEPS_PER_EPOCH, cwd=tmp_path, written=last)
     killed_at = torch.load(last, map_location="cpu", weights_only=True)
     assert (killed_at["epoch"], killed_at["global_step"]) == (0, STEPS_PER_EPOCH)
     assert not (broken / "metrics.json").exists()

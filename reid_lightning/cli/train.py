@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from reid_lightning.checkpointing.async_io import AsyncAtomicCheckpointIO
 from reid_lightning.checkpointing.atomic_io import AtomicCheckpointIO
 from reid_lightning.checkpointing.load import load_checkpoint, load_model_checkpoint, load_model_weights
 from reid_lightning.checkpointing.resume import ResumePlan, RNGStates
@@ -79,10 +80,12 @@ def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> pl.Trainer:
-    """Instantiate ``cfg.trainer`` with resolved precision, the callbacks, loggers and atomic checkpoint writes."""
+    """Instantiate ``cfg.trainer`` with resolved precision, the callbacks, loggers and atomic
+    checkpoint writes (in a background thread with ``async_checkpoints``)."""
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision", "auto"), trainer_cfg.get("accelerator", "auto"))
-    return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    checkpoint_io = AsyncAtomicCheckpointIO() if cfg.get("async_checkpoints", False) else AtomicCheckpointIO()
+    return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=[checkpoint_io])
 
 
 def to_report(metrics: dict[str, float]) -> dict[str, float]:
