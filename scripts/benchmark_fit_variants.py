@@ -19,7 +19,9 @@ that step) and one for the step again at the end. Variants:
 * ``file_system_sharing``: workers hand tensors over by file name instead of file descriptor;
 * ``float_batches``: ``data.normalize_on_device=false``, the workers normalise and erase and the
   batches travel as float32;
-* ``no_image_cache``: ``data.cache_images=false``, every image decoded and resized at each use.
+* ``no_image_cache``: ``data.cache_images=false``, every image decoded and resized at each use;
+* ``last_checkpoint`` / ``last_checkpoint_sync``: ``last.ckpt`` written at every epoch's end as
+  ``train.py`` writes it, in the background (``async_checkpoints``, the default) / synchronously.
 
 ``--py-spy FILE`` (py-spy on the PATH) samples every thread of the ``default`` variant, run a second
 time, into FILE (raw stacks) and prints the main thread's time per part of the step.

@@ -54,6 +54,7 @@ bench fit_cl_float "$LIMIT" --mode fit --workers "$FIT_WORKERS" --channels-last 
 bench loader_cached "$LIMIT" --mode loader --workers "$WORKERS" --warmup $((WARMUP + 115))
 bench fit_cl_no_cache "$LIMIT" --mode fit --workers "$FIT_WORKERS" --channels-last data.cache_images=false
 bench optimizer "$LIMIT" --mode optimizer --iters 20 --warmup 3
+bench checkpoint "$LIMIT" --mode checkpoint --iters 3
 if [ "$COMPILE" = 1 ]; then  # compile_kwargs' default mode, reduce-overhead (CUDA graphs)
     bench fit_cl_compile $((2 * LIMIT)) --mode fit --workers "$FIT_WORKERS" --channels-last --compile
     for batch in $BATCHES; do

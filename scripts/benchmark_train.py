@@ -4,6 +4,7 @@
     python scripts/benchmark_train.py --mode fit --model bot_r50 --device cuda --precision bf16-mixed \
         --channels-last --workers 8 --data /data/market1501
     python scripts/benchmark_train.py --mode optimizer --model bot_r18 --iters 5
+    python scripts/benchmark_train.py --mode checkpoint --model bot_r50 --iters 3
     python scripts/benchmark_train.py --mode epochs --epochs 4 --workers 8 --data /data/cuhk03-np/detected
 
 Each mode prints one JSON line: ``mode``, ``images_per_s``, ``s_per_iter``, ``iters``, ``device``,
@@ -13,7 +14,9 @@ cold workers, and the memory of the process and its workers after it; ``images_p
 of the epochs after the first), ``fit`` adds ``fit_over_step`` (its images/s over the bare step's, the step
 timed in the same process before and after the fit, averaged). ``--mode fit`` prints the step's
 line first. ``optimizer`` (not part of ``all``) prints the optimizer step's milliseconds with
-torch's fused kernel and with the per-tensor loop. See :mod:`reid_lightning.cli.train_benchmark` for what each mode times.
+torch's fused kernel and with the per-tensor loop; ``checkpoint`` (not part of ``all`` either) the
+seconds the training thread spends per checkpoint written synchronously (``s_sync``) and in the
+background (``s_async``). See :mod:`reid_lightning.cli.train_benchmark` for what each mode times.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from reid_lightning.cli import train_benchmark as bench
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=["loader", "epochs", "step", "fit", "all", "optimizer"], default="all")
+    parser.add_argument("--mode", choices=["loader", "epochs", "step", "fit", "all", "optimizer", "checkpoint"], default="all")
     parser.add_argument("--model", default="bot_r50", help="a conf/model option (random init)")
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=128)
@@ -57,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.mode == "optimizer":
         print(json.dumps(bench.time_optimizer(cfg, args.iters, args.warmup)), flush=True)
+        return
+    if args.mode == "checkpoint":
+        print(json.dumps(bench.time_checkpoint(cfg, args.iters, args.output_dir)), flush=True)
         return
     if args.mode == "epochs":
         print(json.dumps(bench.time_loader_epochs(cfg, args.epochs)), flush=True)

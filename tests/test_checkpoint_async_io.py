@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import compose_train
 
-import reid_lightning.checkpointing.atomic_io as atomic_io
+from reid_lightning.checkpointing import atomic_io
 from reid_lightning.checkpointing.async_io import AsyncAtomicCheckpointIO
 from reid_lightning.checkpointing.atomic_io import AtomicCheckpointIO
 from reid_lightning.cli.train import build_trainer

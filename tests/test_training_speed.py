@@ -227,6 +227,21 @@ def test_benchmark_train_optimizer_mode_times_fused_and_loop(tmp_path: Path) -> 
     assert line["fused_speedup"] == pytest.approx(line["ms_per_step_loop"] / line["ms_per_step_fused"], rel=0.02)
 
 
+def test_benchmark_train_checkpoint_mode_times_both_writers_and_leaves_no_file(tmp_path: Path) -> None:
+    proc = run_script(
+        "benchmark_train.py",
+        ["--mode", "checkpoint", "--model", "bot_r18", "--iters", "2", "--data-dir", str(tmp_path / "data"),
+         "--output-dir", str(tmp_path / "out")],
+        cwd=tmp_path,
+    )
+    (line,) = _json_lines(proc)
+    assert line["mode"] == "checkpoint" and line["iters"] == 2 and line["s_sync"] > 0 and line["s_async"] > 0
+    # ResNet-18 BoT with 751 classes, weights plus Adam's two moments: about 3 x 45 MB
+    assert 100 < line["mb"] < 200
+    assert line["speedup"] == pytest.approx(line["s_sync"] / line["s_async"], rel=0.1)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_benchmark_train_epochs_mode_times_each_epoch_and_the_memory(tmp_path: Path) -> None:
     proc = run_script(
         "benchmark_train.py",
@@ -292,6 +307,22 @@ def test_fit_variants_print_one_line_per_variant(tmp_path: Path) -> None:
         assert fit["fit_over_step"] == pytest.approx(fit["images_per_s"] / lines[0]["images_per_s"], rel=1e-3)
     bad = run_script("benchmark_fit_variants.py", ["--variants", "default,no_such"], cwd=tmp_path, check=False)
     assert bad.returncode != 0 and "unknown variants ['no_such']" in bad.stderr
+
+
+def test_fit_variants_with_a_last_checkpoint_write_it_each_way(tmp_path: Path) -> None:
+    proc = run_script(
+        "benchmark_fit_variants.py",
+        ["--model", "bot_r18", "--height", "32", "--width", "16", "--batch", "8", "--iters", "3", "--warmup", "1",
+         "--workers", "0", "--variants", "last_checkpoint_sync,last_checkpoint", "--data-dir", str(tmp_path / "data"),
+         "--output-dir", str(tmp_path / "out"), *SMALL_DEMO],
+        cwd=tmp_path,
+    )
+    lines = _json_lines(proc)
+    assert [line["variant"] for line in lines] == ["step", "last_checkpoint_sync", "last_checkpoint", "step_after"]
+    # 2 batches per epoch: the 4 steps end epoch 1, whose last.ckpt the async writer finished at teardown
+    last = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (1, 4)
+    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["last.ckpt"]
 
 
 def test_main_thread_parts_attribute_each_sample_to_its_first_matching_part() -> None:

@@ -20,8 +20,9 @@ older than a synchronous writer would have left.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -92,7 +93,7 @@ class AsyncAtomicCheckpointIO(AtomicCheckpointIO):
             return
         try:
             call(*args)
-        except BaseException as error:  # handed to the training thread at its next call
+        except BaseException as error:  # noqa: BLE001 - handed to the training thread at its next call
             self._error = error
 
     def _raise_error(self) -> None:

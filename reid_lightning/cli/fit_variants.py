@@ -70,7 +70,8 @@ ORIGINAL_LOADER = ReIDDataModule.train_dataloader
 
 
 def variants(workers: int) -> dict[str, tuple[list[str], dict[str, Callable]]]:
-    """name -> (config overrides, patches of ``ReIDModule.log`` / ``ReIDDataModule.train_dataloader``)."""
+    """name -> (config overrides, patches of ``ReIDModule.log`` / ``ReIDDataModule.train_dataloader``;
+    a ``"last_checkpoint"`` key asks the fit for a ``last.ckpt`` every epoch)."""
     from_memory = {"train_dataloader": lambda self: FromMemory(ORIGINAL_LOADER(self))}
     return {
         "default": ([], {}),
@@ -82,17 +83,20 @@ def variants(workers: int) -> dict[str, tuple[list[str], dict[str, Callable]]]:
         "file_system_sharing": ([], {"train_dataloader": _file_system_loader}),
         "float_batches": (["data.normalize_on_device=false"], {}),
         "no_image_cache": (["data.cache_images=false"], {}),
+        "last_checkpoint": ([], {"last_checkpoint": bool}),
+        "last_checkpoint_sync": (["async_checkpoints=false"], {"last_checkpoint": bool}),
     }
 
 
 def time_variant(cfg: DictConfig, iters: int, warmup: int, patches: dict[str, Callable]) -> dict[str, Any]:
-    """``bench.time_fit`` with the patches applied, restoring everything afterwards."""
+    """``bench.time_fit`` with the patches applied, restoring everything afterwards (a
+    ``"last_checkpoint"`` entry: the fit writes ``last.ckpt`` every epoch)."""
     sharing = torch.multiprocessing.get_sharing_strategy()
     ReIDModule.log = patches.get("log", ORIGINAL_LOG)
     ReIDDataModule.train_dataloader = patches.get("train_dataloader", ORIGINAL_LOADER)
     bench.seed(0)
     try:
-        return bench.time_fit(cfg, iters, warmup)
+        return bench.time_fit(cfg, iters, warmup, last_checkpoint="last_checkpoint" in patches)
     finally:
         ReIDModule.log, ReIDDataModule.train_dataloader = ORIGINAL_LOG, ORIGINAL_LOADER
         torch.multiprocessing.set_sharing_strategy(sharing)

@@ -21,7 +21,11 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from reid_lightning.checkpointing.async_io import AsyncAtomicCheckpointIO
 from reid_lightning.checkpointing.atomic_io import AtomicCheckpointIO
-from reid_lightning.checkpointing.load import load_checkpoint, load_model_checkpoint, load_model_weights
+from reid_lightning.checkpointing.load import (
+    load_checkpoint,
+    load_model_checkpoint,
+    load_model_weights,
+)
 from reid_lightning.checkpointing.resume import ResumePlan, RNGStates
 from reid_lightning.cli.config_tree import print_config_tree
 from reid_lightning.engine.hooks import build_hooks

@@ -8,6 +8,8 @@
   bare limit of the model);
 * ``optimizer``: ``optimizer.step`` alone on the model's parameters, torch's fused kernel and the
   per-tensor loop alternating in rounds (``solver.fused``);
+* ``checkpoint``: the training thread's time per checkpoint (model and optimizer state), written
+  synchronously and with ``async_checkpoints``;
 * ``fit``: ``ReIDModule`` under our ``pl.Trainer`` with the configured hooks and progress bar, on
   the same data, timed as fast-reid's IterationTimer does: from the end of the last warm-up step
   to the end of the last step, after every hook (``after_step``), with ``torch.cuda.synchronize``
@@ -33,8 +35,12 @@ import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from lightning_utilities.core.apply_func import apply_to_collection
 from omegaconf import DictConfig, open_dict
+from pytorch_lightning.callbacks import ModelCheckpoint
 
+from reid_lightning.checkpointing.async_io import AsyncAtomicCheckpointIO
+from reid_lightning.checkpointing.atomic_io import AtomicCheckpointIO
 from reid_lightning.cli.train import build_datamodule, build_model, build_trainer
 from reid_lightning.engine.hooks import HookBase, build_hooks
 from reid_lightning.engine.module import ReIDModule
@@ -267,6 +273,44 @@ def time_optimizer(cfg: DictConfig, iters: int, warmup: int, rounds: int = 6) ->
     }
 
 
+def time_checkpoint(cfg: DictConfig, iters: int, output_dir: str | Path) -> dict[str, Any]:
+    """Seconds the training thread spends per checkpoint of the model with its optimizer state
+    (one optimizer step taken): the synchronous atomic write (``async_checkpoints=false``) against
+    the snapshot and hand-over of :class:`AsyncAtomicCheckpointIO`, alternating ``iters`` times;
+    medians. The background writes are waited for outside the timing, and the files deleted."""
+    device = _device(cfg)
+    model = build_model(cfg, num_classes=751).to(device).train()
+    for param in model.parameters():
+        param.grad = torch.full_like(param, 1e-3) if param.requires_grad else None
+    optimizer = build_optimizer(model, **SolverSettings.from_mapping(cfg.solver).optimizer_kwargs())
+    optimizer.step()
+    checkpoint = {"state_dict": model.state_dict(), "optimizer_states": [optimizer.state_dict()], "global_step": 1}
+    path = Path(output_dir) / "checkpoint_benchmark.ckpt"
+    sync_io, async_io = AtomicCheckpointIO(), AsyncAtomicCheckpointIO()
+    times: dict[str, list[float]] = {"sync": [], "async": []}
+    try:
+        for _ in range(iters):
+            for name, io in (("sync", sync_io), ("async", async_io)):
+                times[name].append(_time_calls(lambda io=io: io.save_checkpoint(checkpoint, path), 1, device))
+                async_io.wait()
+    finally:
+        async_io.teardown()
+        path.unlink(missing_ok=True)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "mode": "checkpoint", "mb": round(_tensor_megabytes(checkpoint), 1), "s_sync": round(median["sync"], 4),
+        "s_async": round(median["async"], 4), "speedup": round(median["sync"] / median["async"], 1), "iters": iters,
+        "device": device.type, "model": cfg.model.get("depth"),
+    }
+
+
+def _tensor_megabytes(checkpoint: dict[str, Any]) -> float:
+    """The tensors' bytes in ``checkpoint``, in MiB."""
+    sizes: list[int] = []
+    apply_to_collection(checkpoint, torch.Tensor, lambda tensor: sizes.append(tensor.numel() * tensor.element_size()))
+    return sum(sizes) / 2**20
+
+
 class _FitClock(HookBase):
     """Wall time from the ``after_step`` of iteration ``start`` to that of iteration ``end``
     (synchronising CUDA at both); registered after every other hook. ``gaps`` holds the host's
@@ -303,23 +347,30 @@ class _FitClock(HookBase):
                 "stall_s": round(sum(gap - 2 * median for gap in self.gaps if gap > 2 * median), 4)}
 
 
-def time_fit(cfg: DictConfig, iters: int, warmup: int) -> dict[str, Any]:
+def time_fit(cfg: DictConfig, iters: int, warmup: int, last_checkpoint: bool = False) -> dict[str, Any]:
     """Images/s of ``trainer.fit`` for ``warmup + iters`` steps, the last ``iters`` timed.
 
     The trainer is built as ``scripts/train.py`` builds it, with the config's hooks and progress
-    bar and without validation, checkpoints or loggers. Epoch boundaries fall inside the timed
-    window when an epoch is shorter than it (the demo set: 1,180 images).
+    bar and without validation, checkpoints or loggers; with ``last_checkpoint``, it writes
+    ``last.ckpt`` under ``cfg.paths.output_dir`` at the end of every epoch, as ``train.py`` does
+    (``async_checkpoints`` chooses the writer). Epoch boundaries fall inside the timed window when
+    an epoch is shorter than it (the demo set: 1,180 images).
     """
     datamodule = build_datamodule(cfg.data)
     model = build_model(cfg, datamodule.num_classes)
     module = ReIDModule(model, solver=cfg.solver, cfg=None)
     clock = _FitClock(start=max(0, warmup - 1), end=max(0, warmup - 1) + iters)
     callbacks = [IntervalRichProgressBar(), *build_hooks(cfg.get("hooks")), clock]
+    if last_checkpoint:
+        callbacks.append(ModelCheckpoint(
+            dirpath=Path(cfg.paths.output_dir) / "checkpoints", filename="last", save_on_train_epoch_end=True,
+            enable_version_counter=False,
+        ))
     with open_dict(cfg):
         cfg.trainer.max_steps = clock.end + 1
         cfg.trainer.max_epochs = 1_000_000
         cfg.trainer.limit_val_batches = 0
-        cfg.trainer.enable_checkpointing = False
+        cfg.trainer.enable_checkpointing = last_checkpoint
         cfg.trainer.enable_model_summary = False
     trainer = build_trainer(cfg, callbacks, loggers=[])
     trainer.fit(module, datamodule=datamodule)
