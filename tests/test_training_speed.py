@@ -292,15 +292,20 @@ def _read_all_and_wait(cache, ready, done) -> None:
     done.wait(30)
 
 
-def test_fit_variants_print_one_line_per_variant(tmp_path: Path) -> None:
+def _fit_variant_lines(tmp_path: Path, variants: str, iters: int, workers: int) -> list[dict]:
+    """The JSON lines of ``benchmark_fit_variants.py`` for ``variants`` on a tiny BoT R18 and the small demo set."""
     proc = run_script(
         "benchmark_fit_variants.py",
-        ["--model", "bot_r18", "--height", "32", "--width", "16", "--batch", "8", "--iters", "2", "--warmup", "1",
-         "--workers", "1", "--variants", "default,from_memory_no_hooks_no_log", "--data-dir", str(tmp_path / "data"),
+        ["--model", "bot_r18", "--height", "32", "--width", "16", "--batch", "8", "--iters", str(iters), "--warmup",
+         "1", "--workers", str(workers), "--variants", variants, "--data-dir", str(tmp_path / "data"),
          "--output-dir", str(tmp_path / "out"), *SMALL_DEMO],
         cwd=tmp_path,
     )
-    lines = _json_lines(proc)
+    return _json_lines(proc)
+
+
+def test_fit_variants_print_one_line_per_variant(tmp_path: Path) -> None:
+    lines = _fit_variant_lines(tmp_path, "default,from_memory_no_hooks_no_log", iters=2, workers=1)
     assert [line["variant"] for line in lines] == ["step", "default", "from_memory_no_hooks_no_log", "step_after"]
     for fit in lines[1:3]:
         assert fit["mode"] == "fit" and fit["images_per_s"] > 0
@@ -310,14 +315,7 @@ def test_fit_variants_print_one_line_per_variant(tmp_path: Path) -> None:
 
 
 def test_fit_variants_with_a_last_checkpoint_write_it_each_way(tmp_path: Path) -> None:
-    proc = run_script(
-        "benchmark_fit_variants.py",
-        ["--model", "bot_r18", "--height", "32", "--width", "16", "--batch", "8", "--iters", "3", "--warmup", "1",
-         "--workers", "0", "--variants", "last_checkpoint_sync,last_checkpoint", "--data-dir", str(tmp_path / "data"),
-         "--output-dir", str(tmp_path / "out"), *SMALL_DEMO],
-        cwd=tmp_path,
-    )
-    lines = _json_lines(proc)
+    lines = _fit_variant_lines(tmp_path, "last_checkpoint_sync,last_checkpoint", iters=3, workers=0)
     assert [line["variant"] for line in lines] == ["step", "last_checkpoint_sync", "last_checkpoint", "step_after"]
     # 2 batches per epoch: the 4 steps end epoch 1, whose last.ckpt the async writer finished at teardown
     last = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)

@@ -35,9 +35,9 @@ import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
 from lightning_utilities.core.apply_func import apply_to_collection
 from omegaconf import DictConfig, open_dict
-from pytorch_lightning.callbacks import ModelCheckpoint
 
 from reid_lightning.checkpointing.async_io import AsyncAtomicCheckpointIO
 from reid_lightning.checkpointing.atomic_io import AtomicCheckpointIO
@@ -248,13 +248,20 @@ def time_step(cfg: DictConfig, iters: int, warmup: int) -> dict[str, Any]:
     return _summary("step", cfg, len(targets) * iters, seconds, iters)
 
 
+def _model_with_gradients(cfg: DictConfig, device: torch.device, num_classes: int) -> torch.nn.Module:
+    """The config's model on ``device`` in training mode, each trainable parameter's gradient set
+    to 1e-3 (what an optimizer step needs, without a forward pass)."""
+    model = build_model(cfg, num_classes=num_classes).to(device).train()
+    for param in model.parameters():
+        param.grad = torch.full_like(param, 1e-3) if param.requires_grad else None
+    return model
+
+
 def time_optimizer(cfg: DictConfig, iters: int, warmup: int, rounds: int = 6) -> dict[str, Any]:
     """Milliseconds per ``optimizer.step`` over the model's parameters (gradients set once),
     fused and per-tensor, alternating ``rounds`` times ``iters`` steps; medians of the rounds."""
     device = _device(cfg)
-    model = build_model(cfg, num_classes=100).to(device).train()
-    for param in model.parameters():
-        param.grad = torch.full_like(param, 1e-3) if param.requires_grad else None
+    model = _model_with_gradients(cfg, device, num_classes=100)
     kwargs = SolverSettings.from_mapping(cfg.solver).optimizer_kwargs()
     optimizers = {fused: build_optimizer(model, **{**kwargs, "fused": fused}) for fused in (False, True)}
     times: dict[bool, list[float]] = {False: [], True: []}
@@ -279,9 +286,7 @@ def time_checkpoint(cfg: DictConfig, iters: int, output_dir: str | Path) -> dict
     the snapshot and hand-over of :class:`AsyncAtomicCheckpointIO`, alternating ``iters`` times;
     medians. The background writes are waited for outside the timing, and the files deleted."""
     device = _device(cfg)
-    model = build_model(cfg, num_classes=751).to(device).train()
-    for param in model.parameters():
-        param.grad = torch.full_like(param, 1e-3) if param.requires_grad else None
+    model = _model_with_gradients(cfg, device, num_classes=751)
     optimizer = build_optimizer(model, **SolverSettings.from_mapping(cfg.solver).optimizer_kwargs())
     optimizer.step()
     checkpoint = {"state_dict": model.state_dict(), "optimizer_states": [optimizer.state_dict()], "global_step": 1}
@@ -361,11 +366,8 @@ def time_fit(cfg: DictConfig, iters: int, warmup: int, last_checkpoint: bool = F
     module = ReIDModule(model, solver=cfg.solver, cfg=None)
     clock = _FitClock(start=max(0, warmup - 1), end=max(0, warmup - 1) + iters)
     callbacks = [IntervalRichProgressBar(), *build_hooks(cfg.get("hooks")), clock]
-    if last_checkpoint:
-        callbacks.append(ModelCheckpoint(
-            dirpath=Path(cfg.paths.output_dir) / "checkpoints", filename="last", save_on_train_epoch_end=True,
-            enable_version_counter=False,
-        ))
+    if last_checkpoint:  # the config's own last.ckpt callback, under cfg.paths.output_dir
+        callbacks.append(instantiate(cfg.callbacks.last_checkpoint))
     with open_dict(cfg):
         cfg.trainer.max_steps = clock.end + 1
         cfg.trainer.max_epochs = 1_000_000

@@ -129,8 +129,8 @@ class ReIDDataModule(pl.LightningDataModule):
             (:class:`~reid_lightning.data.samplers.BalancedIdentitySampler`).
 
     Raises:
-        ValueError: for an unknown ``sampler``, or a ``normalize_on_device`` other than true,
-            false or auto.
+        ValueError: for an unknown ``sampler``, or a ``normalize_on_device`` or ``cache_images``
+            other than true, false or auto.
     """
 
     def __init__(
