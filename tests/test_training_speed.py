@@ -20,6 +20,7 @@ from reid_lightning.engine.hooks.events import EventStorage
 from reid_lightning.engine.model_speed import (
     compile_with_fallback,
     resolve_channels_last,
+    resolve_compile,
 )
 from reid_lightning.engine.progress import IntervalRichProgressBar
 
@@ -143,6 +144,42 @@ def test_compile_with_the_default_or_empty_kwargs_builds(tmp_path: Path, kwargs:
     assert dict(cfg.compile_kwargs) == ({} if kwargs else {"mode": "reduce-overhead"})
     model = build_model(cfg, num_classes=2)
     assert model.backbone._compiled_call_impl is not None
+
+
+def test_compile_auto_is_off_on_the_cpu(tmp_path: Path) -> None:
+    """conf/train.yaml's ``compile: auto`` leaves a CPU run's backbone eager."""
+    cfg = compose_train([*TINY_MODEL, "trainer=cpu"], tmp_path)
+    assert cfg.compile == "auto"
+    assert build_model(cfg, num_classes=2).backbone._compiled_call_impl is None
+
+
+@pytest.mark.parametrize(
+    ("trainer", "gpus", "expected"),
+    [
+        ({"accelerator": "gpu", "devices": 1}, 4, True),
+        ({"accelerator": "auto", "devices": "auto"}, 1, True),
+        ({"accelerator": "cuda", "devices": [2]}, 4, True),
+        ({"accelerator": "gpu", "devices": "0,"}, 4, True),
+        ({"accelerator": "gpu", "devices": "1"}, 4, True),
+        ({"accelerator": "gpu", "devices": 2}, 4, False),
+        ({"accelerator": "gpu", "devices": -1}, 4, False),
+        ({"accelerator": "auto", "devices": "auto"}, 2, False),
+        ({"accelerator": "gpu", "devices": "0,1"}, 4, False),
+        ({"accelerator": "gpu", "devices": 1, "num_nodes": 2}, 4, False),
+        ({"accelerator": "cpu", "devices": 1}, 4, False),
+        ({"accelerator": "gpu", "devices": 1}, 0, False),
+    ],
+)
+def test_compile_auto_means_one_cuda_gpu_in_one_process(monkeypatch, trainer, gpus, expected) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert resolve_compile("auto", trainer) is expected
+    assert resolve_compile(True, trainer) is True and resolve_compile(False, trainer) is False
+
+
+def test_compile_refuses_another_value() -> None:
+    with pytest.raises(ValueError, match="compile must be true, false or auto, got 'yes'"):
+        resolve_compile("yes", {"accelerator": "gpu"})
 
 
 def _failing_backend(graph_module, example_inputs):

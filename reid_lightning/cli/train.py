@@ -33,6 +33,7 @@ from reid_lightning.engine.hparams import log_hyperparameters
 from reid_lightning.engine.model_speed import (
     compile_with_fallback,
     resolve_channels_last,
+    resolve_compile,
     to_channels_last,
 )
 from reid_lightning.engine.module import ReIDModule
@@ -73,11 +74,11 @@ def build_datamodule(data_cfg: DictConfig, stage: str = "fit") -> pl.LightningDa
 
 def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
     """Instantiate ``cfg.model`` for ``num_classes`` identities; put the backbone channels-last
-    (``channels_last``) and compile it (``compile``, ``compile_kwargs``) if asked."""
+    (``channels_last``) and compile it (``compile``: true, or auto on one GPU; ``compile_kwargs``)."""
     model = instantiate(cfg.model, num_classes=num_classes, _convert_="all")
     if resolve_channels_last(cfg.get("channels_last", False), cfg.trainer.get("accelerator", "auto")):
         to_channels_last(model.backbone)
-    if cfg.get("compile"):
+    if resolve_compile(cfg.get("compile", False), cfg.trainer):
         compile_kwargs = cfg.get("compile_kwargs")  # an empty DictConfig is falsy: the default {}
         compile_with_fallback(model.backbone, "backbone", **(OmegaConf.to_container(compile_kwargs) if compile_kwargs else {}))
     return model

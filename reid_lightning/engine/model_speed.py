@@ -3,12 +3,13 @@ channels-last memory format and ``torch.compile`` of a submodule with a fallback
 
     if resolve_channels_last(cfg.channels_last, cfg.trainer.accelerator):
         to_channels_last(model.backbone)
-    if cfg.compile:
+    if resolve_compile(cfg.compile, cfg.trainer):
         compile_with_fallback(model.backbone, "backbone", **cfg.compile_kwargs)
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +33,41 @@ def resolve_channels_last(value: bool | str, accelerator: str) -> bool:
     if value == "auto":
         return torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
     raise ValueError(f"channels_last must be true, false or auto, got {value!r}")
+
+
+def resolve_compile(value: bool | str, trainer: Mapping[str, Any]) -> bool:
+    """``compile`` of the config as a bool: ``auto`` is on when training runs on one CUDA GPU in
+    one process (a compiled DDP run is not measured yet, so ``auto`` leaves it eager).
+
+    Args:
+        value: true, false or ``"auto"``.
+        trainer: the trainer config (``accelerator``, ``devices``, ``num_nodes``).
+
+    Raises:
+        ValueError: ``value`` is none of these.
+    """
+    if isinstance(value, bool):
+        return value
+    if value != "auto":
+        raise ValueError(f"compile must be true, false or auto, got {value!r}")
+    if not resolve_channels_last("auto", str(trainer.get("accelerator", "auto"))):
+        return False
+    return int(trainer.get("num_nodes", 1)) == 1 and _device_count(trainer.get("devices", "auto")) == 1
+
+
+def _device_count(devices: Any) -> int:
+    """How many GPUs Lightning's ``devices`` selects: a count (-1 or ``auto``: all), a list of
+    indices or a comma-separated string of them (``"0,"``: GPU 0)."""
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text in ("auto", "-1"):
+            return torch.cuda.device_count()
+        if "," in text:
+            return len([index for index in text.split(",") if index.strip()])
+        devices = int(text)
+    if isinstance(devices, Sequence):
+        return len(devices)
+    return torch.cuda.device_count() if devices == -1 else int(devices)
 
 
 def _inputs_channels_last(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
