@@ -81,6 +81,21 @@ def test_the_finite_watch_names_the_first_non_finite_iteration_when_read() -> No
     watch.update(8, 1, torch.tensor(float("inf")), {"loss_cls": torch.tensor(float("inf")), "loss_triplet": torch.tensor(0.0)})
     with pytest.raises(FloatingPointError, match=r"at iteration 7 \(epoch 1\): loss_cls=nan, loss_triplet=0.25$"):
         watch.check()
+    with pytest.raises(FloatingPointError, match=r"at iteration 7 "):  # and at every later check
+        watch.check()
+
+
+def test_the_finite_watch_launches_nothing_per_step_and_reads_when_too_many_steps_wait(monkeypatch) -> None:
+    monkeypatch.setattr("reid_lightning.engine.finite_check.MAX_PENDING", 3)
+    watch = NonFiniteLossWatch()
+    two, nan = torch.tensor(2.0), torch.tensor(float("nan"))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        watch.update(0, 0, two, {"loss_cls": two})
+        watch.update(1, 0, nan, {"loss_cls": nan})
+    assert {event.name for event in prof.events()} <= {"aten::detach", "detach"}
+    watch.update(2, 0, torch.tensor(1.0), {"loss_cls": torch.tensor(1.0)})
+    with pytest.raises(FloatingPointError, match=r"at iteration 1 \(epoch 0\): loss_cls=nan$"):
+        watch.update(3, 0, torch.tensor(1.0), {"loss_cls": torch.tensor(1.0)})
 
 
 def test_the_progress_bar_reads_metrics_every_n_steps(tmp_path: Path, monkeypatch) -> None:

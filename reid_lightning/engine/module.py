@@ -93,8 +93,8 @@ class ReIDModule(pl.LightningModule):
         outputs = self.model(_model_input(batch))
         loss_dict = self.model.losses(outputs, batch["targets"])
         total = sum(loss_dict.values())
-        # checked on the device; read (and failed) every log_every_n_steps and before validation,
-        # checkpoints and the end of training (every step when no trainer drives the module)
+        # kept unread; read (and failed) every log_every_n_steps and before validation, checkpoints
+        # and the end of training (every step when no trainer drives the module)
         self.loss_watch.update(self.global_step, self.current_epoch, total, loss_dict)
         metrics = {}
         if isinstance(outputs, Mapping) and "cls_logits" in outputs:  # fast-reid's log_accuracy, top-1, on device
