@@ -35,6 +35,7 @@ from reid_lightning.engine.model_speed import (
     resolve_channels_last,
     resolve_compile,
     to_channels_last,
+    trains_on_gpu,
 )
 from reid_lightning.engine.module import ReIDModule
 from reid_lightning.launch.hydra_ddp import hydra_job_ddp
@@ -49,8 +50,7 @@ def resolve_precision(precision: Any, accelerator: str) -> Any:
     """Turn ``precision: auto`` into bf16-mixed (or 16-mixed) on a GPU and 32 elsewhere."""
     if precision != "auto":
         return precision
-    on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-    if not on_gpu:
+    if not trains_on_gpu(accelerator):
         return 32
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 

@@ -9,13 +9,20 @@ channels-last memory format and ``torch.compile`` of a submodule with a fallback
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+from pytorch_lightning.accelerators import CUDAAccelerator
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+
+def trains_on_gpu(accelerator: str) -> bool:
+    """Whether a trainer with this ``accelerator`` (``auto``, ``gpu``, ``cuda``, ``cpu``...) trains
+    on a CUDA GPU: what the configs' ``auto`` switches (precision, channels-last, compile) follow."""
+    return torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
 
 
 def resolve_channels_last(value: bool | str, accelerator: str) -> bool:
@@ -31,7 +38,7 @@ def resolve_channels_last(value: bool | str, accelerator: str) -> bool:
     if isinstance(value, bool):
         return value
     if value == "auto":
-        return torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+        return trains_on_gpu(accelerator)
     raise ValueError(f"channels_last must be true, false or auto, got {value!r}")
 
 
@@ -50,24 +57,17 @@ def resolve_compile(value: bool | str, trainer: Mapping[str, Any]) -> bool:
         return value
     if value != "auto":
         raise ValueError(f"compile must be true, false or auto, got {value!r}")
-    if not resolve_channels_last("auto", str(trainer.get("accelerator", "auto"))):
+    if not trains_on_gpu(str(trainer.get("accelerator", "auto"))):
         return False
     return int(trainer.get("num_nodes", 1)) == 1 and _device_count(trainer.get("devices", "auto")) == 1
 
 
 def _device_count(devices: Any) -> int:
-    """How many GPUs Lightning's ``devices`` selects: a count (-1 or ``auto``: all), a list of
-    indices or a comma-separated string of them (``"0,"``: GPU 0)."""
-    if isinstance(devices, str):
-        text = devices.strip()
-        if text in ("auto", "-1"):
-            return torch.cuda.device_count()
-        if "," in text:
-            return len([index for index in text.split(",") if index.strip()])
-        devices = int(text)
-    if isinstance(devices, Sequence):
-        return len(devices)
-    return torch.cuda.device_count() if devices == -1 else int(devices)
+    """How many GPUs Lightning's ``devices`` selects (``auto``: all; else Lightning's own parsing
+    of a count, -1, a list of indices or a string of them such as ``"0,"``)."""
+    if devices == "auto":
+        return torch.cuda.device_count()
+    return len(CUDAAccelerator.parse_devices(devices) or [])
 
 
 def _inputs_channels_last(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
