@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from reid_lightning.data.batch_normalize import BatchNormalizer
 from reid_lightning.data.datasets.demo import prepare_demo
 from reid_lightning.data.epoch_stream import EpochStream
-from reid_lightning.data.image_cache import SharedImageCache, memory_limit_bytes
+from reid_lightning.data.image_cache import SharedImageCache, cache_bytes, memory_limit_bytes
 from reid_lightning.data.image_dataset import ImageDataset, verify_images
 from reid_lightning.data.multi_dataset import (
     DatasetEntry,
@@ -391,7 +391,7 @@ class ReIDDataModule(pl.LightningDataModule):
         if self.cache_images != "auto":
             return bool(self.cache_images)
         processes = self.trainer.num_devices if self.trainer is not None else 1
-        return processes * len(self.splits.train) * 3 * self.size[0] * self.size[1] <= memory_limit_bytes() // 4
+        return processes * cache_bytes(len(self.splits.train), (3, *self.size)) <= memory_limit_bytes() // 4
 
     def _train_image_cache(self) -> SharedImageCache | None:
         """The training images' shared cache (``cache_images``), made before the first training

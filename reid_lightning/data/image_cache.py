@@ -52,6 +52,11 @@ def memory_limit_bytes() -> int:
     return limit
 
 
+def cache_bytes(count: int, shape: tuple[int, ...]) -> int:
+    """The bytes of ``count`` uint8 images of ``shape``: a full :class:`SharedImageCache`'s ``nbytes``."""
+    return count * math.prod(shape)
+
+
 class SharedImageCache:
     """``count`` uint8 images of one ``shape``, in memory shared with forked processes.
 
@@ -74,7 +79,7 @@ class SharedImageCache:
         if self.count <= 0 or not self.shape or min(self.shape) <= 0:
             raise ValueError(f"SharedImageCache needs a positive count and shape, got {count} and {shape}")
         image_bytes = math.prod(self.shape)
-        self.nbytes = self.count * image_bytes
+        self.nbytes = cache_bytes(self.count, self.shape)
         try:
             self._memory = mmap.mmap(-1, self.count * (1 + image_bytes))  # anonymous, MAP_SHARED
         except OSError as error:
