@@ -12,7 +12,10 @@ Each mode prints one JSON line: ``mode``, ``images_per_s``, ``s_per_iter``, ``it
 ``--workers 0,2,4``), ``epochs`` adds ``s_per_epoch`` and ``pss_gb`` (each epoch's seconds from
 cold workers, and the memory of the process and its workers after it; ``images_per_s`` is that
 of the epochs after the first), ``fit`` adds ``fit_over_step`` (its images/s over the bare step's, the step
-timed in the same process before and after the fit, averaged). ``--mode fit`` prints the step's
+timed in the same process before and after the fit, averaged), ``host_busy`` (the main
+thread's CPU time per step over the wall time per step, median: near 1 the host is the limit;
+``step`` reports it too) and, with ``--sync-debug`` on CUDA, ``syncs_per_step`` and ``sync_sites``
+(torch's synchronising calls in the timed steps and where they come from). ``--mode fit`` prints the step's
 line first. ``optimizer`` (not part of ``all``) prints the optimizer step's milliseconds with
 torch's fused kernel and with the per-tensor loop; ``checkpoint`` (not part of ``all`` either) the
 seconds the training thread spends per checkpoint written synchronously (``s_sync``) and in the
@@ -41,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["32", "bf16-mixed", "16-mixed"], default="32")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="fit: count torch's synchronising CUDA calls in the timed steps, by site (slows them)")
     parser.add_argument("--workers", default="2", help="loader workers; a list (0,2,4) for --mode loader")
     parser.add_argument("--data", default="demo", help="demo, or a folder in Market-1501 layout")
     parser.add_argument("--data-dir", default=os.environ.get("REID_DATA", "datasets"), help="root of the demo set")
@@ -78,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             step = bench.time_step(cfg, args.iters, args.warmup)
             print(json.dumps(step), flush=True)
         if mode == "fit":
-            fit = bench.time_fit(cfg, args.iters, args.warmup)
+            fit = bench.time_fit(cfg, args.iters, args.warmup, sync_debug=args.sync_debug)
             bench.seed(0)
             # the step again after the fit: on a shared machine the load drifts between the two
             step_after = bench.time_step(cfg, args.iters, args.warmup)

@@ -264,6 +264,11 @@ def test_benchmark_train_prints_one_json_line_per_mode(tmp_path: Path) -> None:
     # 3 gaps between the 4 after_step calls of the window; their sum is the timed window
     assert 0 < fit["gap_median_s"] <= fit["gap_max_s"] <= 3 * fit["s_per_iter"] + 1e-4
     assert 0 <= fit["stall_s"] < 3 * fit["s_per_iter"]
+    # on the CPU the main thread computes the steps itself: busy most of each step
+    for line in (lines[1], fit):
+        assert 0.3 < line["host_busy"] <= 1.2
+    assert 0 < lines[1]["host_cpu_s_per_iter"] and 0 < fit["host_cpu_median_s"]
+    assert "syncs_per_step" not in fit  # only with --sync-debug
 
 
 def test_benchmark_train_optimizer_mode_times_fused_and_loop(tmp_path: Path) -> None:

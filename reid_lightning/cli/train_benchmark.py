@@ -47,6 +47,7 @@ from reid_lightning.engine.module import ReIDModule
 from reid_lightning.engine.optim import build_optimizer
 from reid_lightning.engine.progress import IntervalRichProgressBar
 from reid_lightning.engine.settings import SolverSettings
+from reid_lightning.utils.cuda_syncs import CudaSyncRecorder
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -222,7 +223,9 @@ def _time_calls(call: Callable[[], Any], times: int, device: torch.device) -> fl
 
 def time_step(cfg: DictConfig, iters: int, warmup: int) -> dict[str, Any]:
     """Images/s of the bare training step on one batch of the training loader, already on the device
-    and normalised there."""
+    and normalised there; ``host_cpu_s_per_iter`` is the main thread's CPU time per step
+    (``time.thread_time``) and ``host_busy`` its share of the wall time: near 1, launching the
+    step's work keeps the host as busy as the device (or a synchronisation spins)."""
     device = _device(cfg)
     datamodule = build_datamodule(cfg.data)
     batch = next(iter(datamodule.build_train_loader(0, 1)))
@@ -244,8 +247,11 @@ def time_step(cfg: DictConfig, iters: int, warmup: int) -> dict[str, Any]:
 
     for _ in range(warmup):
         step()
+    cpu_start = time.thread_time()
     seconds = _time_calls(step, iters, device)
-    return _summary("step", cfg, len(targets) * iters, seconds, iters)
+    cpu = time.thread_time() - cpu_start
+    return _summary("step", cfg, len(targets) * iters, seconds, iters, host_cpu_s_per_iter=round(cpu / iters, 5),
+                    host_busy=round(cpu / seconds, 3))
 
 
 def _model_with_gradients(cfg: DictConfig, device: torch.device, num_classes: int) -> torch.nn.Module:
@@ -320,51 +326,79 @@ class _FitClock(HookBase):
     """Wall time from the ``after_step`` of iteration ``start`` to that of iteration ``end``
     (synchronising CUDA at both); registered after every other hook. ``gaps`` holds the host's
     time between consecutive ``after_step`` calls in that window, unsynchronised: in a steady
-    state they follow the device, and a stall (an epoch start, a slow batch) shows as a long one."""
+    state they follow the device, and a stall (an epoch start, a slow batch) shows as a long one.
+    ``cpu_gaps`` holds the main thread's CPU time over the same intervals (``time.thread_time``):
+    close to the gaps, the host is busy the whole step (a CUDA synchronisation that spins counts
+    as busy); well below them, it waits (for a batch, for the GIL). ``syncs`` records torch's
+    synchronising CUDA calls over the window."""
 
-    def __init__(self, start: int, end: int) -> None:
+    def __init__(self, start: int, end: int, syncs: CudaSyncRecorder | None = None) -> None:
         self.start, self.end = start, end
         self.t0 = self.t1 = math.nan
         self.gaps: list[float] = []
-        self._last = math.nan
+        self.cpu_gaps: list[float] = []
+        self.syncs = syncs
+        self._last = self._last_cpu = math.nan
 
     def after_step(self) -> None:
         iteration = self.trainer.iter
         if not self.start <= iteration <= self.end:
             return
         if iteration in (self.start, self.end):
+            if iteration == self.end and self.syncs is not None:
+                self.syncs.stop()
             _synchronize(self.trainer.pl_module.device)
-        now = time.perf_counter()
+        now, now_cpu = time.perf_counter(), time.thread_time()
         if iteration == self.start:
             self.t0 = now
+            if self.syncs is not None:
+                self.syncs.start()
         else:
             self.gaps.append(now - self._last)
+            self.cpu_gaps.append(now_cpu - self._last_cpu)
         if iteration == self.end:
             self.t1 = now
-        self._last = now
+        self._last, self._last_cpu = now, now_cpu
 
-    def gap_summary(self) -> dict[str, float]:
-        """Median and largest gap, and the time spent beyond twice the median in the gaps longer than that."""
+    def after_train(self) -> None:
+        if self.syncs is not None:  # a fit that ended before the window did
+            self.syncs.stop()
+
+    def gap_summary(self) -> dict[str, Any]:
+        """Median and largest gap, the time spent beyond twice the median in the gaps longer than
+        that, the main thread's median CPU time per step and its share of the median gap
+        (``host_busy``), and with a sync recorder the synchronising calls per step and their sites."""
         if not self.gaps:
             return {}
-        median = statistics.median(self.gaps)
-        return {"gap_median_s": round(median, 5), "gap_max_s": round(max(self.gaps), 5),
-                "stall_s": round(sum(gap - 2 * median for gap in self.gaps if gap > 2 * median), 4)}
+        median, cpu_median = statistics.median(self.gaps), statistics.median(self.cpu_gaps)
+        summary: dict[str, Any] = {
+            "gap_median_s": round(median, 5), "gap_max_s": round(max(self.gaps), 5),
+            "stall_s": round(sum(gap - 2 * median for gap in self.gaps if gap > 2 * median), 4),
+            "host_cpu_median_s": round(cpu_median, 5), "host_busy": round(cpu_median / median, 3) if median > 0 else None,
+        }
+        if self.syncs is not None:
+            count = self.syncs.count
+            summary["syncs_per_step"] = None if count is None else round(count / len(self.gaps), 3)
+            summary["sync_sites"] = self.syncs.sites()
+        return summary
 
 
-def time_fit(cfg: DictConfig, iters: int, warmup: int, last_checkpoint: bool = False) -> dict[str, Any]:
+def time_fit(cfg: DictConfig, iters: int, warmup: int, last_checkpoint: bool = False, sync_debug: bool = False) -> dict[str, Any]:
     """Images/s of ``trainer.fit`` for ``warmup + iters`` steps, the last ``iters`` timed.
 
     The trainer is built as ``scripts/train.py`` builds it, with the config's hooks and progress
     bar and without validation, checkpoints or loggers; with ``last_checkpoint``, it writes
     ``last.ckpt`` under ``cfg.paths.output_dir`` at the end of every epoch, as ``train.py`` does
     (``async_checkpoints`` chooses the writer). Epoch boundaries fall inside the timed window when
-    an epoch is shorter than it (the demo set: 1,180 images).
+    an epoch is shorter than it (the demo set: 1,180 images). With ``sync_debug``, torch's
+    synchronising CUDA calls in the timed window are counted by site (:class:`CudaSyncRecorder`;
+    ``syncs_per_step`` is None off CUDA); their warnings slow the steps they flag.
     """
     datamodule = build_datamodule(cfg.data)
     model = build_model(cfg, datamodule.num_classes)
     module = ReIDModule(model, solver=cfg.solver, cfg=None)
-    clock = _FitClock(start=max(0, warmup - 1), end=max(0, warmup - 1) + iters)
+    syncs = CudaSyncRecorder(_device(cfg)) if sync_debug else None
+    clock = _FitClock(start=max(0, warmup - 1), end=max(0, warmup - 1) + iters, syncs=syncs)
     callbacks = [IntervalRichProgressBar(), *build_hooks(cfg.get("hooks")), clock]
     if last_checkpoint:  # the config's own last.ckpt callback, under cfg.paths.output_dir
         callbacks.append(instantiate(cfg.callbacks.last_checkpoint))
