@@ -22,6 +22,7 @@ from reid_lightning.data import (
     verify_images,
 )
 from reid_lightning.data.datamodule import shard_range
+from reid_lightning.data.packed_batch import PACKED, unpack_integer_fields
 
 DEMO = {
     "seed": 0,
@@ -245,7 +246,11 @@ def test_image_dataset_items() -> None:
 def test_datamodule_batches_are_the_same_either_way(data_root) -> None:
     on, off = (make_datamodule(data_root, normalize_on_device=flag) for flag in (True, False))
     raw = next(iter(on.build_train_loader(0, 1, epoch=1)))
-    assert raw["images"].dtype == torch.uint8 and raw["erase_box"].shape == (len(raw["targets"]), 4)
+    assert raw["images"].dtype == torch.uint8
+    # the integer fields cross from the workers in one tensor: (4 box rows + targets + camids, B)
+    assert [key for key, value in raw.items() if torch.is_tensor(value)] == ["images", PACKED]
+    assert raw[PACKED].shape == (6, len(raw["images"]))
+    assert unpack_integer_fields(raw)["erase_box"].shape == (len(raw["images"]), 4)
     pairs = [(on.build_train_loader(0, 1, epoch=1), off.build_train_loader(0, 1, epoch=1)),
              (on.build_test_loader(0, 1), off.build_test_loader(0, 1))]
     for loader_on, loader_off in pairs:

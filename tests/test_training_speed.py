@@ -254,7 +254,8 @@ def test_benchmark_train_prints_one_json_line_per_mode(tmp_path: Path) -> None:
     for line in lines:
         assert {"images_per_s", "iters", "device", "precision"} <= set(line) and line["images_per_s"] > 0
         assert (line["iters"], line["device"], line["precision"], line["channels_last"]) == (3, "cpu", "32", True)
-    assert set(lines[0]["by_workers"]) == {"0", "1"}
+    assert set(lines[0]["by_workers"]) == {"0", "1"} == set(lines[0]["main_cpu_ms_by_workers"])
+    assert all(ms > 0 for ms in lines[0]["main_cpu_ms_by_workers"].values())
     fit = lines[2]
     step_rates = fit["step_images_per_s"]
     assert len(step_rates) == 2 and step_rates[0] == lines[1]["images_per_s"]

@@ -2,7 +2,7 @@
 float, normalisation, random erasing.
 
 A loader built with ``normalize=False`` transforms (``ReIDDataModule(normalize_on_device=True)``)
-collates uint8 images, a quarter of the float32 bytes to collate, share between processes, pin
+collates uint8 images (and packs the integer fields in one tensor, :mod:`reid_lightning.data.packed_batch`), a quarter of the float32 bytes to collate, share between processes, pin
 and copy to the GPU; :meth:`ReIDDataModule.on_after_batch_transfer
 <reid_lightning.data.ReIDDataModule.on_after_batch_transfer>` then calls::
 
@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from reid_lightning.data.packed_batch import unpack_integer_fields
 from reid_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 ERASE_BOX = "erase_box"
@@ -78,7 +79,10 @@ class BatchNormalizer:
         return self._on_device[device]
 
     def __call__(self, batch: Any) -> Any:
-        """Returns a new dict with float32 ``"images"`` and without ``"erase_box"``, or ``batch`` itself."""
+        """Returns a new dict with float32 ``"images"`` and without ``"erase_box"``, or ``batch`` itself;
+        the integer fields of a :func:`~reid_lightning.data.packed_batch.collate_packed` batch
+        unpacked first."""
+        batch = unpack_integer_fields(batch)
         if not isinstance(batch, Mapping) or not torch.is_tensor(batch.get("images")) or batch["images"].dtype != torch.uint8:
             return batch
         mean, std = self._stats(batch["images"].device)

@@ -17,7 +17,11 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from reid_lightning.data.batch_normalize import BatchNormalizer
 from reid_lightning.data.datasets.demo import prepare_demo
 from reid_lightning.data.epoch_stream import EpochStream
-from reid_lightning.data.image_cache import SharedImageCache, cache_bytes, memory_limit_bytes
+from reid_lightning.data.image_cache import (
+    SharedImageCache,
+    cache_bytes,
+    memory_limit_bytes,
+)
 from reid_lightning.data.image_dataset import ImageDataset, verify_images
 from reid_lightning.data.multi_dataset import (
     DatasetEntry,
@@ -25,6 +29,7 @@ from reid_lightning.data.multi_dataset import (
     load_entry,
     parse_entries,
 )
+from reid_lightning.data.packed_batch import collate_packed
 from reid_lightning.data.samplers import (
     SAMPLERS,
     build_identity_sampler,
@@ -66,8 +71,9 @@ class ReIDDataModule(pl.LightningDataModule):
     ``use_distributed_sampler=False``.
 
     With ``normalize_on_device`` the loaders' batches hold uint8 images (and training batches
-    the ``"erase_box"`` rectangles); :meth:`on_after_batch_transfer`, which Lightning calls once
-    a batch is on the model's device, turns them into the normalised float32 images above.
+    the ``"erase_box"`` rectangles, and their integer fields packed in one tensor:
+    :mod:`~reid_lightning.data.packed_batch`); :meth:`on_after_batch_transfer`, which Lightning
+    calls once a batch is on the model's device, turns them into the batches above.
 
     One data set (``dataset``) trains and tests by default. ``train_sets`` trains on several
     (identities and cameras kept apart, see :func:`combine_train_sets`), ``test_sets`` tests
@@ -375,14 +381,14 @@ class ReIDDataModule(pl.LightningDataModule):
     def _train_loader(self, sampler: Sampler, world_size: int) -> DataLoader:
         """The training loader over ``sampler``'s ``(index, seed)`` keys: one rank's batches of
         ``batch_size // world_size`` augmented images."""
-        transform = build_train_transforms(
-            self.size, self.flip_prob, self.padding, self.erasing_prob, normalize=not self.normalizes_on_device()
-        )
+        on_device = self.normalizes_on_device()
+        transform = build_train_transforms(self.size, self.flip_prob, self.padding, self.erasing_prob, normalize=not on_device)
         return DataLoader(
             ImageDataset(self.splits.train, transform, cache=self._train_image_cache()),
             batch_size=self.batch_size // world_size,
             sampler=sampler,
             drop_last=True,
+            collate_fn=collate_packed if on_device else None,
             **self._loader_options(),
         )
 
