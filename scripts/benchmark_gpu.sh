@@ -60,5 +60,8 @@ if [ "$COMPILE" = 1 ]; then  # compile_kwargs' default mode, reduce-overhead (CU
         bench "fit_cl_compile_b$batch" $((2 * LIMIT)) --mode fit --workers "$FIT_WORKERS" --channels-last \
             --compile --batch "$batch"
     done
+    # where a compiled fit step waits: torch's synchronising CUDA calls by site, and host_busy
+    bench fit_cl_compile_syncs $((2 * LIMIT)) --mode fit --workers "$FIT_WORKERS" --channels-last --compile --sync-debug
 fi
+bench fit_cl_syncs "$LIMIT" --mode fit --workers "$FIT_WORKERS" --channels-last --sync-debug
 cat "$OUT_DIR/results.jsonl"
