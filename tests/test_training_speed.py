@@ -122,6 +122,25 @@ def test_the_progress_bar_reads_on_the_global_steps_the_module_logs(tmp_path: Pa
     assert [step for step in reads if step not in (5, 10)] == [3, 6, 9]
 
 
+class _LoggingTiny(TinyModule):
+    """TinyModule logging its total loss as ReIDModule does: without ``prog_bar``."""
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict:
+        out = super().training_step(batch, batch_idx)
+        self.log("train/total_loss", out["loss"], batch_size=self.batch_size)
+        return out
+
+
+def test_the_progress_bar_shows_the_loss_logged_without_prog_bar(tmp_path: Path) -> None:
+    bar = IntervalRichProgressBar(metrics_every_n_steps=2, show=["train/total_loss", "train/never_logged"])
+    module = _LoggingTiny(batches=4)
+    trainer = make_trainer(tmp_path, [bar], max_epochs=1, enable_progress_bar=True)
+    trainer.fit(module)
+    assert trainer.progress_bar_metrics == {}  # nothing for Lightning to read after each batch
+    shown = bar.get_metrics(trainer, module)
+    assert shown["train/total_loss"] == pytest.approx(module.batch_losses[-1]) and "train/never_logged" not in shown
+
+
 TINY_MODEL = ["model=bot_r18", "model.pretrained=none"]
 
 
@@ -391,3 +410,72 @@ def test_main_thread_parts_attribute_each_sample_to_its_first_matching_part() ->
         "thread (1): MainThread;setup (trainer.py:9) 40",
     ])
     assert main_thread_parts(raw) == {"forward": 0.6, "backward": 0.3, "waiting for the next batch": 0.1}
+
+
+# tensor methods that copy a value to the host: on a GPU each one waits for the device
+_HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+
+
+class _ReadProbe(HookBase):
+    """Counts the main thread's host reads of tensors per training step, with the calling code: a
+    read from one ``before_step`` to the next counts for the step it began (Lightning writes a
+    logged step's metrics after the callbacks' ``on_train_batch_end``)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.reads: dict[int, list[str]] = {}
+
+    def before_step(self) -> None:
+        self.step = self.trainer.iter
+
+    def record(self, name: str) -> None:
+        import threading
+        import traceback
+
+        if threading.current_thread() is threading.main_thread():
+            frames = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_stack()[-7:-2]]
+            self.reads.setdefault(self.step, []).append(f"{name} <- " + " <- ".join(reversed(frames)))
+
+
+def test_the_training_steps_read_nothing_to_the_host_between_logged_steps(demo_root: Path, tmp_path: Path, monkeypatch) -> None:
+    """train.py's callbacks, hooks and loggers, uint8 batches normalised by the datamodule, one
+    loader worker: only the logged steps (every 10, and the last) may copy a tensor to the host."""
+    from omegaconf import open_dict
+
+    from reid_lightning.cli import train_benchmark as bench
+    from reid_lightning.cli.train import (
+        build_datamodule,
+        build_trainer,
+        instantiate_group,
+    )
+    from reid_lightning.engine.hooks import build_hooks
+    from reid_lightning.engine.module import ReIDModule
+
+    torch.set_num_threads(1)
+    cfg = bench.benchmark_config(
+        model="bot_r18", height=32, width=16, batch=8, workers=1, data_dir=str(demo_root), output_dir=str(tmp_path),
+        overrides=["data.normalize_on_device=true", "trainer.log_every_n_steps=10", "hooks.periodic_writer.period=10"],
+    )
+    with open_dict(cfg):
+        cfg.trainer.update(max_steps=25, limit_val_batches=0, enable_model_summary=False)
+    datamodule = build_datamodule(cfg.data)
+    module = ReIDModule(build_model(cfg, datamodule.num_classes), solver=cfg.solver, cfg=cfg)
+    probe = _ReadProbe()
+    callbacks = [*instantiate_group(cfg.callbacks), *build_hooks(cfg.hooks), probe]
+    trainer = build_trainer(cfg, callbacks, instantiate_group(cfg.logger))
+    assert datamodule.normalizes_on_device() and trainer.num_training_batches != 25  # no epoch end in the 25 steps
+    for name in _HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def read(tensor, *args, _real=real, _name=name, **kwargs):
+            probe.record(_name)
+            return _real(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    trainer.fit(module, datamodule=datamodule)
+    monkeypatch.undo()
+    assert trainer.global_step == 25
+    # steps 0-1 start the fit; 9 and 19 are logged; 24 ends the fit
+    unexpected = {step: sites for step, sites in probe.reads.items() if step not in (0, 1, 9, 19, 24)}
+    assert not unexpected, "\n".join(f"step {step}: {site}" for step, sites in unexpected.items() for site in sorted(set(sites)))
+    assert probe.reads.get(9) and probe.reads.get(19)  # the probe sees the logged steps' reads

@@ -28,7 +28,6 @@ from reid_lightning.engine.settings import EvaluationSettings, SolverSettings
 from reid_lightning.evaluation import ReIDMetric, extract_features
 
 
-
 class ReIDModule(pl.LightningModule):
     """Trains ``model`` with its own losses and evaluates Rank-k / mAP / mINP.
 
@@ -104,7 +103,8 @@ class ReIDModule(pl.LightningModule):
             batch_size = batch["images"].shape[0]
             for name, value in loss_dict.items():
                 self.log(f"train/{name}", value, batch_size=batch_size)
-            self.log("train/total_loss", total, prog_bar=True, batch_size=batch_size)
+            # not prog_bar: Lightning would read it to the host after every batch (the progress bar shows it)
+            self.log("train/total_loss", total, batch_size=batch_size)
             for name, value in metrics.items():
                 self.log(f"train/{name}", value, batch_size=batch_size)
         return {"loss": total, "loss_dict": {k: v.detach() for k, v in loss_dict.items()}, "metrics": metrics}
