@@ -289,6 +289,7 @@ def test_benchmark_train_prints_one_json_line_per_mode(tmp_path: Path) -> None:
         assert 0.3 < line["host_busy"] <= 1.2
     assert 0 < lines[1]["host_cpu_s_per_iter"] and 0 < fit["host_cpu_median_s"]
     assert "syncs_per_step" not in fit  # only with --sync-debug
+    assert lines[1]["cudnn_benchmark"] is True  # trainer=default sets benchmark: true, for the fit and the step
 
 
 def test_benchmark_train_optimizer_mode_times_fused_and_loop(tmp_path: Path) -> None:

@@ -229,10 +229,13 @@ def _time_calls(call: Callable[[], Any], times: int, device: torch.device) -> fl
 
 def time_step(cfg: DictConfig, iters: int, warmup: int) -> dict[str, Any]:
     """Images/s of the bare training step on one batch of the training loader, already on the device
-    and normalised there; ``host_cpu_s_per_iter`` is the main thread's CPU time per step
+    and normalised there, with cuDNN's algorithm search (``torch.backends.cudnn.benchmark``) set
+    as ``trainer.benchmark`` sets it for the fit; ``host_cpu_s_per_iter`` is the main thread's CPU time per step
     (``time.thread_time``) and ``host_busy`` its share of the wall time: near 1, launching the
     step's work keeps the host as busy as the device (or a synchronisation spins)."""
     device = _device(cfg)
+    if cfg.trainer.get("benchmark") is not None:  # cuDNN's algorithm search, as the fit's Trainer sets it
+        torch.backends.cudnn.benchmark = bool(cfg.trainer.benchmark)
     datamodule = build_datamodule(cfg.data)
     batch = next(iter(datamodule.build_train_loader(0, 1)))
     batch = datamodule.on_after_batch_transfer(move_data_to_device(batch, device), 0)
@@ -257,7 +260,7 @@ def time_step(cfg: DictConfig, iters: int, warmup: int) -> dict[str, Any]:
     seconds = _time_calls(step, iters, device)
     cpu = time.thread_time() - cpu_start
     return _summary("step", cfg, len(targets) * iters, seconds, iters, host_cpu_s_per_iter=round(cpu / iters, 5),
-                    host_busy=round(cpu / seconds, 3))
+                    host_busy=round(cpu / seconds, 3), cudnn_benchmark=torch.backends.cudnn.benchmark)
 
 
 def _model_with_gradients(cfg: DictConfig, device: torch.device, num_classes: int) -> torch.nn.Module:
