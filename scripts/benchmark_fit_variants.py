@@ -11,6 +11,8 @@ that step) and one for the step again at the end. Variants:
 
 * ``default``: the fit as ``scripts/benchmark_train.py --mode fit`` runs it;
 * ``no_train_log``: ``ReIDModule.log`` does nothing (what logging the training losses costs);
+* ``loss_on_lightnings_bar``: the training loss logged with ``prog_bar=True``, as before
+  2026-12-01: Lightning then reads it to the host after every batch (a GPU wait per step);
 * ``from_memory``: 8 real training batches (pinned on a GPU machine) replayed instead of the
   loader: no workers, no decode, no waiting for a batch;
 * ``from_memory_no_hooks_no_log``: that, without the hooks and without ``self.log``;
@@ -23,7 +25,8 @@ that step) and one for the step again at the end. Variants:
 * ``last_checkpoint`` / ``last_checkpoint_sync``: ``last.ckpt`` written at every epoch's end as
   ``train.py`` writes it, in the background (``async_checkpoints``, the default) / synchronously.
 
-``--py-spy FILE`` (py-spy on the PATH) samples every thread of the ``default`` variant, run a second
+``--sync-debug`` (CUDA) counts torch's synchronising calls per step of each variant's timed steps
+(``syncs_per_step``, ``sync_sites``; it slows them). ``--py-spy FILE`` (py-spy on the PATH) samples every thread of the ``default`` variant, run a second
 time, into FILE (raw stacks) and prints the main thread's time per part of the step.
 """
 from __future__ import annotations
@@ -54,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--variants", default=None, help="comma-separated names; default all")
+    parser.add_argument("--sync-debug", action="store_true", help="count torch's synchronising CUDA calls per step")
     parser.add_argument("--py-spy", default=None, metavar="FILE", help="sample the default variant into FILE")
     parser.add_argument("--output-dir", default="outputs/benchmark_fit_variants")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train.yaml for every variant")
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"variant": "step", **step}), flush=True)
     for name in names:
         overrides, patches = table[name]
-        fit = time_variant(config(overrides), args.iters, args.warmup, patches)
+        fit = time_variant(config(overrides), args.iters, args.warmup, patches, sync_debug=args.sync_debug)
         print(json.dumps({"variant": name, **bench.fit_over_step(fit, step)}), flush=True)
     if args.py_spy:  # until the fit ends: py-spy writes its samples when interrupted
         sampler = subprocess.Popen(

@@ -480,3 +480,14 @@ def test_the_training_steps_read_nothing_to_the_host_between_logged_steps(demo_r
     unexpected = {step: sites for step, sites in probe.reads.items() if step not in (0, 1, 9, 19, 24)}
     assert not unexpected, "\n".join(f"step {step}: {site}" for step, sites in unexpected.items() for site in sorted(set(sites)))
     assert probe.reads.get(9) and probe.reads.get(19)  # the probe sees the logged steps' reads
+
+
+def test_the_old_prog_bar_variant_puts_only_the_training_loss_on_lightnings_bar(monkeypatch) -> None:
+    from reid_lightning.cli import fit_variants
+
+    calls = []
+    monkeypatch.setattr(fit_variants, "ORIGINAL_LOG", lambda self, name, value, *args, **kwargs: calls.append((name, kwargs)))
+    patched = fit_variants.variants(workers=2)["loss_on_lightnings_bar"][1]["log"]
+    patched(None, "train/total_loss", 1.0, batch_size=8)
+    patched(None, "train/loss_cls", 1.0, batch_size=8)
+    assert calls == [("train/total_loss", {"batch_size": 8, "prog_bar": True}), ("train/loss_cls", {"batch_size": 8})]

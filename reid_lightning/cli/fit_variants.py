@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from reid_lightning.cli import train_benchmark as bench
 from reid_lightning.data.datamodule import ReIDDataModule
 from reid_lightning.engine.module import ReIDModule
+from reid_lightning.engine.progress import TRAINING_LOSS
 
 # parts of the fit's main thread, by the frames its stack holds; the first part with a matching
 # frame names a sample (Lightning runs training_step and backward inside optimizer.step)
@@ -60,6 +61,14 @@ def _no_log(self: ReIDModule, *args: Any, **kwargs: Any) -> None:
     return None
 
 
+def _loss_on_lightnings_bar(self: ReIDModule, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+    """``self.log`` with the training loss on Lightning's progress bar (``prog_bar=True``), as the
+    module logged it before 2026-12-01: Lightning then reads it to the host after every batch."""
+    if name == TRAINING_LOSS:
+        kwargs["prog_bar"] = True
+    return ORIGINAL_LOG(self, name, value, *args, **kwargs)
+
+
 def _file_system_loader(self: ReIDDataModule) -> torch.utils.data.DataLoader:
     torch.multiprocessing.set_sharing_strategy("file_system")
     return ORIGINAL_LOADER(self)
@@ -76,6 +85,7 @@ def variants(workers: int) -> dict[str, tuple[list[str], dict[str, Callable]]]:
     return {
         "default": ([], {}),
         "no_train_log": ([], {"log": _no_log}),
+        "loss_on_lightnings_bar": ([], {"log": _loss_on_lightnings_bar}),
         "from_memory": ([], from_memory),
         "from_memory_no_hooks_no_log": (["hooks=none"], {**from_memory, "log": _no_log}),
         "half_workers": ([f"data.num_workers={max(1, workers // 2)}"], {}),
@@ -88,15 +98,16 @@ def variants(workers: int) -> dict[str, tuple[list[str], dict[str, Callable]]]:
     }
 
 
-def time_variant(cfg: DictConfig, iters: int, warmup: int, patches: dict[str, Callable]) -> dict[str, Any]:
+def time_variant(cfg: DictConfig, iters: int, warmup: int, patches: dict[str, Callable], sync_debug: bool = False) -> dict[str, Any]:
     """``bench.time_fit`` with the patches applied, restoring everything afterwards (a
-    ``"last_checkpoint"`` entry: the fit writes ``last.ckpt`` every epoch)."""
+    ``"last_checkpoint"`` entry: the fit writes ``last.ckpt`` every epoch; ``sync_debug``: see
+    ``bench.time_fit``)."""
     sharing = torch.multiprocessing.get_sharing_strategy()
     ReIDModule.log = patches.get("log", ORIGINAL_LOG)
     ReIDDataModule.train_dataloader = patches.get("train_dataloader", ORIGINAL_LOADER)
     bench.seed(0)
     try:
-        return bench.time_fit(cfg, iters, warmup, last_checkpoint="last_checkpoint" in patches)
+        return bench.time_fit(cfg, iters, warmup, last_checkpoint="last_checkpoint" in patches, sync_debug=sync_debug)
     finally:
         ReIDModule.log, ReIDDataModule.train_dataloader = ORIGINAL_LOG, ORIGINAL_LOADER
         torch.multiprocessing.set_sharing_strategy(sharing)
