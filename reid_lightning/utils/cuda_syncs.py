@@ -44,25 +44,27 @@ class CudaSyncRecorder:
         self.frames = frames
         self.count: int | None = 0 if self.enabled else None
         self._sites: Counter[str] = Counter()
-        self._saved: tuple[Any, list[Any]] | None = None
+        self._warnings: warnings.catch_warnings | None = None  # the display and filters to restore
+        self._show_other: Any = None
 
     def start(self) -> None:
         """Turn torch's sync warnings on and record them (a no-op off CUDA or when recording)."""
-        if not self.enabled or self._saved is not None:
+        if not self.enabled or self._warnings is not None:
             return
-        self._saved = (warnings.showwarning, list(warnings.filters))
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        self._show_other = warnings.showwarning
         warnings.filterwarnings("always", message=SYNC_WARNING)
         warnings.showwarning = self._show
         torch.cuda.set_sync_debug_mode("warn")
 
     def stop(self) -> None:
         """Turn torch's sync warnings off and restore Python's warning display."""
-        if self._saved is None:
+        if self._warnings is None:
             return
         torch.cuda.set_sync_debug_mode("default")
-        warnings.showwarning, warnings.filters[:] = self._saved
-        warnings._filters_mutated()  # type: ignore[attr-defined]  # as warnings.catch_warnings does
-        self._saved = None
+        self._warnings.__exit__(None, None, None)
+        self._warnings = None
 
     def sites(self, top: int = 5) -> list[tuple[str, int]]:
         """The ``top`` sites with the most synchronising calls: ``(frames, count)``."""
@@ -70,8 +72,7 @@ class CudaSyncRecorder:
 
     def _show(self, message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
         if SYNC_WARNING not in str(message):
-            assert self._saved is not None
-            self._saved[0](message, category, filename, lineno, file, line)
+            self._show_other(message, category, filename, lineno, file, line)
             return
         self.count = (self.count or 0) + 1
         stack = [frame for frame in traceback.extract_stack()[:-1] if not frame.filename.endswith(_WARNING_FRAMES)]
