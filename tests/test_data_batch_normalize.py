@@ -11,7 +11,7 @@ from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
 from reid_lightning.data.batch_normalize import BatchNormalizer, erase_boxes
-from reid_lightning.data.packed_batch import LAYOUT, PACKED
+from reid_lightning.data.packed_batch import pack_integer_fields
 from reid_lightning.data.transforms import (
     RandomErasingBox,
     build_test_transforms,
@@ -111,17 +111,11 @@ def _erasing_batch(device: str) -> dict[str, torch.Tensor]:
     return {"images": images.to(device), "erase_box": boxes.to(device), "targets": torch.arange(4, device=device)}
 
 
-def _packed(batch: dict[str, torch.Tensor]) -> dict:
-    """``batch`` as collate_packed hands it over: box rows and targets in one tensor."""
-    rows = torch.cat([batch["erase_box"].t(), batch["targets"][None]])
-    return {"images": batch["images"], PACKED: rows, LAYOUT: (("erase_box", 4), ("targets", 0))}
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("packed", [False, True])
 def test_normalising_on_cuda_never_waits_for_the_gpu(packed: bool) -> None:
     normalize = BatchNormalizer()
-    batch = _packed(_erasing_batch("cuda")) if packed else _erasing_batch("cuda")
+    batch = pack_integer_fields(_erasing_batch("cuda")) if packed else _erasing_batch("cuda")
     normalize(batch)  # the first batch brings the mean and std to the device
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

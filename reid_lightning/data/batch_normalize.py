@@ -2,8 +2,9 @@
 float, normalisation, random erasing.
 
 A loader built with ``normalize=False`` transforms (``ReIDDataModule(normalize_on_device=True)``)
-collates uint8 images (and packs the integer fields in one tensor, :mod:`reid_lightning.data.packed_batch`), a quarter of the float32 bytes to collate, share between processes, pin
-and copy to the GPU; :meth:`ReIDDataModule.on_after_batch_transfer
+collates uint8 images, a quarter of the float32 bytes to collate, share between processes, pin
+and copy to the GPU (and packs the integer fields in one tensor,
+:mod:`~reid_lightning.data.packed_batch`); :meth:`ReIDDataModule.on_after_batch_transfer
 <reid_lightning.data.ReIDDataModule.on_after_batch_transfer>` then calls::
 
     normalize = BatchNormalizer()    # ImageNet mean and std
