@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import open_dict
 from torch.utils.data import DataLoader, default_collate
 
+from reid_lightning.cli import train_benchmark as bench
+from reid_lightning.cli.train import build_datamodule, build_model, build_trainer
 from reid_lightning.data.batch_normalize import BatchNormalizer
 from reid_lightning.data.packed_batch import (
     LAYOUT,
@@ -13,6 +16,7 @@ from reid_lightning.data.packed_batch import (
     collate_packed,
     unpack_integer_fields,
 )
+from reid_lightning.engine.module import ReIDModule
 
 
 def _sample(index: int) -> dict:
@@ -67,12 +71,6 @@ def test_two_tensors_cross_from_a_worker_and_normalise_like_the_default_batch() 
 
 def _trained_weights(demo_root, on_device: bool) -> dict[str, torch.Tensor]:
     """BoT R18 weights after 3 training steps of the Lightning fit, from one loader worker."""
-    from omegaconf import open_dict
-
-    from reid_lightning.cli import train_benchmark as bench
-    from reid_lightning.cli.train import build_datamodule, build_model, build_trainer
-    from reid_lightning.engine.module import ReIDModule
-
     cfg = bench.benchmark_config(model="bot_r18", height=32, width=16, batch=8, workers=1, data_dir=str(demo_root),
                                  overrides=[f"data.normalize_on_device={str(on_device).lower()}"])
     bench.seed(0)

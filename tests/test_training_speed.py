@@ -4,24 +4,35 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import compose_train, run_script
 from hooks_support import TinyModule, make_trainer
+from omegaconf import open_dict
 from pytorch_lightning.callbacks import RichProgressBar
 
+from reid_lightning.cli import fit_variants
+from reid_lightning.cli import train_benchmark as bench
 from reid_lightning.cli.fit_variants import main_thread_parts
-from reid_lightning.cli.train import build_model
+from reid_lightning.cli.train import (
+    build_datamodule,
+    build_model,
+    build_trainer,
+    instantiate_group,
+)
 from reid_lightning.engine.finite_check import NonFiniteLossWatch
-from reid_lightning.engine.hooks import HookBase, PeriodicWriter
+from reid_lightning.engine.hooks import HookBase, PeriodicWriter, build_hooks
 from reid_lightning.engine.hooks.events import EventStorage
 from reid_lightning.engine.model_speed import (
     compile_with_fallback,
     resolve_channels_last,
     resolve_compile,
 )
+from reid_lightning.engine.module import ReIDModule
 from reid_lightning.engine.progress import IntervalRichProgressBar
 
 
@@ -430,9 +441,6 @@ class _ReadProbe(HookBase):
         self.step = self.trainer.iter
 
     def record(self, name: str) -> None:
-        import threading
-        import traceback
-
         if threading.current_thread() is threading.main_thread():
             frames = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_stack()[-7:-2]]
             self.reads.setdefault(self.step, []).append(f"{name} <- " + " <- ".join(reversed(frames)))
@@ -441,17 +449,6 @@ class _ReadProbe(HookBase):
 def test_the_training_steps_read_nothing_to_the_host_between_logged_steps(demo_root: Path, tmp_path: Path, monkeypatch) -> None:
     """train.py's callbacks, hooks and loggers, uint8 batches normalised by the datamodule, one
     loader worker: only the logged steps (every 10, and the last) may copy a tensor to the host."""
-    from omegaconf import open_dict
-
-    from reid_lightning.cli import train_benchmark as bench
-    from reid_lightning.cli.train import (
-        build_datamodule,
-        build_trainer,
-        instantiate_group,
-    )
-    from reid_lightning.engine.hooks import build_hooks
-    from reid_lightning.engine.module import ReIDModule
-
     torch.set_num_threads(1)
     cfg = bench.benchmark_config(
         model="bot_r18", height=32, width=16, batch=8, workers=1, data_dir=str(demo_root), output_dir=str(tmp_path),
@@ -483,8 +480,6 @@ def test_the_training_steps_read_nothing_to_the_host_between_logged_steps(demo_r
 
 
 def test_the_old_prog_bar_variant_puts_only_the_training_loss_on_lightnings_bar(monkeypatch) -> None:
-    from reid_lightning.cli import fit_variants
-
     calls = []
     monkeypatch.setattr(fit_variants, "ORIGINAL_LOG", lambda self, name, value, *args, **kwargs: calls.append((name, kwargs)))
     patched = fit_variants.variants(workers=2)["loss_on_lightnings_bar"][1]["log"]
