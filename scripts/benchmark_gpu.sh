@@ -9,6 +9,12 @@
 # The environment can shrink the suite for a rehearsal on the CPU:
 #   DEVICE=cpu PRECISION=32 MODEL=bot_r18 HEIGHT=64 WIDTH=32 ITERS=3 WARMUP=2 WORKERS=0,2 \
 #     BATCHES=32 COMPILE=0 bash scripts/benchmark_gpu.sh <data> <out>
+# SUITE=quick runs only what re-measures issue 13's targets, most wanted first, within one device
+# call (about 6 minutes on an H200 with 14 workers): the fit with and without Lightning's per-step
+# read of the loss (one process, with a py-spy sample of the default fit where py-spy is on the
+# PATH), the compiled fit with its synchronising calls counted, the compiled fit, the eager loader,
+# step and fit, the compiled fit at the larger batch, and the CUDA tests. scripts/gpu_bundle.sh
+# prepares what the device call carries.
 set -u
 DATA=${1:?usage: benchmark_gpu.sh <data folder> <output folder>}
 OUT_DIR=${2:?usage: benchmark_gpu.sh <data folder> <output folder>}
@@ -26,11 +32,11 @@ LIMIT=${LIMIT:-120}               # seconds per process (compile: twice)
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
 
-bench() {  # bench NAME LIMIT ARGS...: one benchmark process
-    local name=$1 limit=$2
-    shift 2
+run_script() {  # run_script SCRIPT NAME LIMIT ARGS...: one benchmark process
+    local script=$1 name=$2 limit=$3
+    shift 3
     local start=$SECONDS
-    timeout "$limit" python scripts/benchmark_train.py --model "$MODEL" --height "$HEIGHT" --width "$WIDTH" \
+    timeout "$limit" python "$script" --model "$MODEL" --height "$HEIGHT" --width "$WIDTH" \
         --device "$DEVICE" --precision "$PRECISION" --iters "$ITERS" --warmup "$WARMUP" --data "$DATA" \
         --output-dir "${RUN_DIR:-/tmp/benchmark_gpu}/$name" "$@" >"$OUT_DIR/$name.log" 2>&1
     local rc=$?
@@ -38,9 +44,33 @@ bench() {  # bench NAME LIMIT ARGS...: one benchmark process
     echo "$name: rc $rc, $((SECONDS - start)) s"
     [ "$rc" -eq 0 ] || tail -n 15 "$OUT_DIR/$name.log"
 }
+bench() { run_script scripts/benchmark_train.py "$@"; }              # bench NAME LIMIT ARGS...
+variants() { run_script scripts/benchmark_fit_variants.py "$@"; }    # variants NAME LIMIT ARGS...
 
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
 FIT_WORKERS=${WORKERS##*,}
+if [ "${SUITE:-full}" = quick ]; then
+    spy=()
+    command -v py-spy >/dev/null && spy=(--py-spy "$OUT_DIR/spy_eager.txt")
+    variants prog_bar_ab $((2 * LIMIT)) --workers "$FIT_WORKERS" --variants default,loss_on_lightnings_bar "${spy[@]}"
+    if [ "$COMPILE" = 1 ]; then
+        bench fit_cl_compile_syncs $((2 * LIMIT)) --mode fit --workers "$FIT_WORKERS" --channels-last --compile --sync-debug
+        bench fit_cl_compile $((2 * LIMIT)) --mode fit --workers "$FIT_WORKERS" --channels-last --compile
+    fi
+    bench all_cl "$LIMIT" --mode all --workers "$FIT_WORKERS" --channels-last
+    if [ "$COMPILE" = 1 ]; then
+        for batch in $BATCHES; do
+            bench "fit_cl_compile_b$batch" $((2 * LIMIT)) --mode fit --workers "$FIT_WORKERS" --channels-last \
+                --compile --batch "$batch"
+        done
+    fi
+    timeout "$LIMIT" python -m pytest -q -p no:cacheprovider tests/test_data_batch_normalize.py tests/test_hooks_cuda.py \
+        tests/test_eval_ranking.py tests/test_eval_rerank.py tests/test_training_speed.py tests/test_cuda_syncs.py \
+        tests/test_data_packed_batch.py >"$OUT_DIR/tests.log" 2>&1
+    echo "tests: rc $?, $(tail -n 1 "$OUT_DIR/tests.log")"
+    cat "$OUT_DIR/results.jsonl"
+    exit 0
+fi
 bench all_cl "$LIMIT" --mode all --workers "$WORKERS" --channels-last
 for batch in $BATCHES; do
     bench "fit_cl_b$batch" "$LIMIT" --mode fit --workers "$FIT_WORKERS" --channels-last --batch "$batch"
