@@ -1,12 +1,18 @@
 """Optimizer parameter groups (fast-reid's rules) and the warmup + multistep schedule, checked
 against fast-reid's schedulers driven as its LRScheduler hook drives them."""
 
+import logging
+
 import pytest
 import torch
 from conftest import compose_train
+from omegaconf import open_dict
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from reid_lightning.cli import train_benchmark as bench
+from reid_lightning.cli.train import build_datamodule, build_model, build_trainer
+from reid_lightning.engine.module import ReIDModule
 from reid_lightning.engine.optim import (
     build_optimizer,
     build_param_groups,
@@ -87,6 +93,36 @@ def test_solver_fused_reaches_the_optimizer():
 
     assert SolverSettings.from_mapping({"fused": False}).optimizer_kwargs()["fused"] is False
     assert SolverSettings.from_mapping(compose_train([]).solver).optimizer_kwargs()["fused"] is True
+
+
+def _fit_optimizer(demo_root, precision: str, clip: float | None) -> torch.optim.Optimizer:
+    """The optimizer of a 2-step BoT R18 fit of the real config on the CPU."""
+    torch.set_num_threads(1)
+    cfg = bench.benchmark_config(model="bot_r18", height=32, width=16, batch=8, workers=0, precision=precision,
+                                 data_dir=str(demo_root))
+    datamodule = build_datamodule(cfg.data)
+    module = ReIDModule(build_model(cfg, datamodule.num_classes), solver=cfg.solver)
+    with open_dict(cfg):
+        cfg.trainer.update(max_steps=2, limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
+                           enable_model_summary=False, gradient_clip_val=clip)
+    trainer = build_trainer(cfg, [], loggers=[])
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 2
+    return trainer.optimizers[0]
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32"])
+def test_gradient_clipping_trains_under_every_precision(demo_root, precision, caplog):
+    # Lightning raises at the first step when it must clip a fused optimizer under mixed precision
+    with caplog.at_level(logging.INFO):
+        optimizer = _fit_optimizer(demo_root, precision, clip=1.0)
+    mixed = precision.endswith("-mixed")
+    assert bool(optimizer.defaults["fused"]) is not mixed
+    assert ("instead of the fused kernel" in caplog.text) is mixed
+
+
+def test_mixed_precision_without_clipping_keeps_the_fused_kernel(demo_root):
+    assert _fit_optimizer(demo_root, "bf16-mixed", clip=None).defaults["fused"]
 
 
 def test_unknown_optimizer_names_the_choices():

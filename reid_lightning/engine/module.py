@@ -19,7 +19,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.plugins.precision import MixedPrecision
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from reid_lightning.engine.finite_check import NonFiniteLossWatch
@@ -130,9 +131,26 @@ class ReIDModule(pl.LightningModule):
         self.loss_watch.check()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_optimizer(self.model, **self.solver.optimizer_kwargs())
+        kwargs = self.solver.optimizer_kwargs()
+        if kwargs["fused"] and self._clips_under_mixed_precision():
+            # Lightning refuses to clip the gradients of a fused optimizer under mixed precision
+            # (its step unscales them itself): a RuntimeError at the first step
+            kwargs["fused"] = False
+            rank_zero_info(
+                f"trainer.gradient_clip_val={self.trainer.gradient_clip_val} with precision "
+                f"{self.trainer.precision}: the optimizer runs torch's per-tensor / foreach loop instead of "
+                "the fused kernel (solver.fused), which Lightning cannot clip under mixed precision"
+            )
+        optimizer = build_optimizer(self.model, **kwargs)
         scheduler = build_warmup_multistep(optimizer, iters_per_epoch=self._iters_per_epoch(), **self.solver.schedule_kwargs())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def _clips_under_mixed_precision(self) -> bool:
+        """Whether the trainer clips gradients (``gradient_clip_val`` > 0) with a mixed-precision
+        plugin (``16-mixed`` or ``bf16-mixed``)."""
+        trainer = self._trainer
+        return (trainer is not None and bool(trainer.gradient_clip_val)
+                and isinstance(trainer.precision_plugin, MixedPrecision))
 
     def _iters_per_epoch(self) -> int:
         """Optimizer steps per epoch (training batches divided by gradient accumulation)."""
