@@ -90,3 +90,13 @@ def test_quickstart_builds_datamodule_model_and_trainer(tmp_path):
     trainer = build_trainer(cfg, instantiate_group(cfg.callbacks), instantiate_group(cfg.logger))
     assert trainer.max_epochs == cfg.solver.max_epochs
     assert Path(trainer.default_root_dir) == tmp_path
+
+
+def test_gradient_clipping_is_set_from_the_trainer_config(tmp_path):
+    from reid_lightning.cli.train import build_trainer
+
+    cfg = compose_train(["trainer.gradient_clip_val=5", "trainer.gradient_clip_algorithm=value"], output_dir=tmp_path)
+    trainer = build_trainer(cfg, [], loggers=[])
+    assert (trainer.gradient_clip_val, trainer.gradient_clip_algorithm) == (5, "value")
+    unclipped = build_trainer(compose_train([], output_dir=tmp_path), [], loggers=[])
+    assert unclipped.gradient_clip_val is None
