@@ -22,7 +22,7 @@ from PIL import Image
 
 from reid_lightning.checkpointing.load import load_model_weights
 from reid_lightning.cli.evaluate import evaluate
-from reid_lightning.cli.train import train
+from reid_lightning.cli.train import build_trainer, train
 from reid_lightning.engine.module import ReIDModule
 
 SPLITS = ("bounding_box_train", "query", "bounding_box_test")
@@ -183,6 +183,14 @@ def test_train_script_exits_with_the_problem_named(tmp_path: Path, overrides: li
     assert proc.returncode != 0
     for text in expected:
         assert text in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize("trainer", ["gpu", "ddp"])
+def test_a_gpu_trainer_without_a_gpu_names_the_cpu_choices(tmp_path: Path, trainer: str) -> None:
+    cfg = compose_train([f"trainer={trainer}"], output_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="trainer.accelerator=gpu .*no CUDA GPU.*trainer=cpu or trainer=ddp_cpu"):
+        build_trainer(cfg, [], loggers=[])
 
 
 # ---------------------------------------------------------------------------------------- checkpoints

@@ -86,8 +86,17 @@ def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
 
 def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> pl.Trainer:
     """Instantiate ``cfg.trainer`` with resolved precision, the callbacks, loggers and atomic
-    checkpoint writes (in a background thread with ``async_checkpoints``)."""
+    checkpoint writes (in a background thread with ``async_checkpoints``).
+
+    Raises:
+        RuntimeError: for a GPU accelerator on a machine where torch finds no CUDA GPU.
+    """
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_cfg.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"trainer.accelerator={trainer_cfg['accelerator']} (trainer=gpu, trainer=ddp) but torch finds no CUDA GPU "
+            "on this machine: train on the CPU with trainer=cpu or trainer=ddp_cpu, or keep trainer.accelerator=auto"
+        )
     trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision", "auto"), trainer_cfg.get("accelerator", "auto"))
     checkpoint_io = AsyncAtomicCheckpointIO() if cfg.get("async_checkpoints", False) else AtomicCheckpointIO()
     return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=[checkpoint_io])
