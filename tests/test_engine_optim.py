@@ -83,6 +83,31 @@ def test_fused_kernel_takes_the_same_steps_as_the_per_tensor_loop(name):
         torch.testing.assert_close(fused, loop, rtol=1e-4, atol=1e-5)  # rounding, grown over 3 steps
 
 
+def _step(net: _Net, optimizer: torch.optim.Optimizer) -> None:
+    features = net.conv(torch.randn(6, 3, 5, 5)).mean(dim=(2, 3))
+    (net.fc(features).square().sum() + net.bn(features).sum()).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("saved_fused", [True, False])
+def test_a_loaded_state_keeps_the_kernel_the_optimizer_was_built_with(saved_fused):
+    # torch's load_state_dict copies the saved groups' settings, fused included: a run resumed with
+    # another solver.fused (or clipping switched under mixed precision) would step the saved kernel
+    torch.manual_seed(0)
+    net = _Net()
+    saved = build_optimizer(net, fused=saved_fused)
+    _step(net, saved)
+    built = build_optimizer(net, fused=not saved_fused)
+    built.load_state_dict(saved.state_dict())
+    assert [bool(group["fused"]) for group in built.param_groups] == [not saved_fused] * len(built.param_groups)
+    loaded, expected = built.state_dict()["state"], saved.state_dict()["state"]
+    assert all(torch.equal(loaded[i]["exp_avg"], expected[i]["exp_avg"]) for i in expected)  # the state itself is loaded
+    if not saved_fused:  # built fused: under 16-mixed torch's GradScaler hands it the scale, which only the fused kernel takes
+        built.grad_scale, built.found_inf = torch.tensor(1.0), torch.tensor(0.0)
+    _step(net, built)
+
+
 def test_fused_falls_back_where_the_device_has_no_kernel():
     net = _Net().to("meta")
     assert not build_optimizer(net, fused=True).defaults["fused"]

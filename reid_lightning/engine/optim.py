@@ -81,6 +81,8 @@ def build_optimizer(
     parameter group; the same update up to float rounding) when every parameter is a
     floating-point tensor on a device that has one (CPU and CUDA among them); elsewhere, or with
     ``fused=False``, torch's default per-tensor or foreach loop (docs/results.md has the timings).
+    The kernel stays the one chosen here when a checkpoint's state is loaded (torch would take the
+    checkpoint's choice: see :func:`keep_kernel_choice`).
 
     Raises:
         ValueError: for an unknown optimizer name (the message lists the known ones).
@@ -88,12 +90,36 @@ def build_optimizer(
     groups = build_param_groups(model, base_lr, weight_decay, weight_decay_norm, weight_decay_bias, bias_lr_factor)
     kwargs = {"fused": True} if fused and _fused_kernel_available(groups) else {}
     if name == "Adam":
-        return torch.optim.Adam(groups, lr=base_lr, **kwargs)
-    if name == "AdamW":
-        return torch.optim.AdamW(groups, lr=base_lr, **kwargs)
-    if name == "SGD":
-        return torch.optim.SGD(groups, lr=base_lr, momentum=momentum, nesterov=nesterov, **kwargs)
-    raise ValueError(f"unknown optimizer {name!r}: choose one of Adam, AdamW, SGD")
+        optimizer = torch.optim.Adam(groups, lr=base_lr, **kwargs)
+    elif name == "AdamW":
+        optimizer = torch.optim.AdamW(groups, lr=base_lr, **kwargs)
+    elif name == "SGD":
+        optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=momentum, nesterov=nesterov, **kwargs)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}: choose one of Adam, AdamW, SGD")
+    return keep_kernel_choice(optimizer)
+
+
+KERNEL_KEYS = ("fused", "foreach")
+
+
+def keep_kernel_choice(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Make ``optimizer.load_state_dict`` keep the optimizer's own kernel choice (``fused``,
+    ``foreach``) instead of the saved param groups' (torch copies every saved group setting).
+
+    A run resumed with another ``solver.fused``, or with gradient clipping turned on or off under
+    mixed precision (see ``ReIDModule.configure_optimizers``), would otherwise step with the
+    checkpoint's kernel; under ``16-mixed`` a fused-built optimizer stepping the foreach loop fails
+    (torch's GradScaler hands its scale to optimizers built fused). Returns ``optimizer``.
+    """
+    choice = {key: optimizer.defaults.get(key) for key in KERNEL_KEYS}
+
+    def restore_choice(loaded: torch.optim.Optimizer) -> None:
+        for group in loaded.param_groups:
+            group.update(choice)
+
+    optimizer.register_load_state_dict_post_hook(restore_choice)
+    return optimizer
 
 
 def _fused_kernel_available(groups: list[dict]) -> bool:
