@@ -196,12 +196,16 @@ def test_resume_plan_reads_the_checkpoint_and_warns_about_changed_settings(tmp_p
     torch.save({"global_step": 40, "state_dict": {}, "reid_config": OmegaConf.to_container(saved, resolve=True)}, last)
     with caplog.at_level(logging.WARNING, logger="reid_lightning.checkpointing.resume"):
         plan = ResumePlan.from_config(cfg)
-    assert plan == ResumePlan(str(last), 40)
+    assert plan == ResumePlan(str(last), 40, {"solver.base_lr": 0.01})
     assert "solver.base_lr: 0.01 -> 0.00035" in caplog.text and "model." not in caplog.text
+    # the restored optimizer state keeps the checkpoint's learning rate: so does the run's config
+    assert "solver.base_lr: not applied when resuming; the run goes on with the checkpoint's values" in caplog.text
+    plan.keep_held_settings(cfg)
+    assert cfg.solver.base_lr == 0.01
     # ckpt_path alone starts a new run from the file: its loggers start afresh
     with open_dict(cfg):
         cfg.resume, cfg.ckpt_path = False, str(last)
-    assert ResumePlan.from_config(cfg) == ResumePlan(str(last), None)
+    assert ResumePlan.from_config(cfg) == ResumePlan(str(last), None)  # the config now has the checkpoint's rate
 
 
 def test_resumed_loggers_keep_their_version_and_history(tmp_path: Path) -> None:

@@ -28,7 +28,8 @@ and global step; the identity sampler gets the epoch through ``set_epoch``) and 
   goes on in the store's latest run of its experiment (the replayed steps are logged again);
   WandbLogger keeps the run id of its latest run under ``save_dir/wandb`` (``resume="allow"``);
 * a warning listing the ``model``/``data``/``solver``/``seed`` settings that differ from the
-  checkpoint's run.
+  checkpoint's run, and a second one naming those among them that the restored optimizer and LR
+  scheduler state overrides (learning rate, weight decay, momentum: the checkpoint's stay).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ import random
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,12 @@ log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.ckpt"
 # config groups whose change between the checkpoint's run and the resumed run is worth a warning
 _COMPARED_KEYS = ("model", "data", "solver", "seed")
+# settings the checkpoint's optimizer state (param groups: lr, weight decay, momentum) and LR
+# scheduler state (base_lrs) hold: a resumed run keeps the checkpoint's values of these
+_HELD_BY_OPTIMIZER_STATE = (
+    "solver.base_lr", "solver.bias_lr_factor", "solver.weight_decay", "solver.weight_decay_norm",
+    "solver.weight_decay_bias", "solver.momentum", "solver.nesterov",
+)
 # a W&B run dir: (offline-)run-<date>_<time>-<run id>
 _WANDB_RUN_DIR = re.compile(r"(?:offline-)?run-(\d{8}_\d{6})-(.+)")
 
@@ -75,10 +82,14 @@ class ResumePlan:
         ckpt_path: checkpoint to restore, None to start from scratch.
         resume_step: the checkpoint's global step when the run continues in place (its loggers
             go on), else None.
+        held_settings: the checkpoint's values of the settings its optimizer and LR-scheduler
+            state hold (learning rate, weight decay, momentum) where the config differs: the
+            restored run trains with these (:meth:`keep_held_settings` puts them in the config).
     """
 
     ckpt_path: str | None = None
     resume_step: int | None = None
+    held_settings: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> ResumePlan:
@@ -109,8 +120,16 @@ class ResumePlan:
             if not path.is_file():
                 raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
         checkpoint = load_checkpoint(path)  # a truncated, foreign or pickled file fails here, named
-        _warn_changed_settings(checkpoint["reid_config"], cfg, path)
-        return cls(str(path), int(checkpoint["global_step"]) if in_place else None)
+        held = _warn_changed_settings(checkpoint["reid_config"], cfg, path)
+        return cls(str(path), int(checkpoint["global_step"]) if in_place else None, held)
+
+    def keep_held_settings(self, cfg: DictConfig) -> None:
+        """Set ``cfg``'s learning rate, weight decay and momentum settings back to the
+        checkpoint's values where they differ (:attr:`held_settings`): the restored optimizer and
+        LR scheduler state trains with those, so the module, the logged hyper-parameters and the
+        next checkpoint's config say what the run does."""
+        for key, value in self.held_settings.items():
+            OmegaConf.update(cfg, key, value, merge=False)
 
     def logger_config(self, logger_cfg: DictConfig | None) -> DictConfig | None:
         """``logger_cfg`` with each logger pinned to the run it wrote before, when in place.
@@ -236,7 +255,9 @@ def _continue_csv(logger: CSVLogger, resume_step: int) -> None:
     logger.save()
 
 
-def _warn_changed_settings(saved: Mapping[str, Any], cfg: DictConfig, path: Path) -> None:
+def _warn_changed_settings(saved: Mapping[str, Any], cfg: DictConfig, path: Path) -> dict[str, Any]:
+    """Warn about the settings of ``cfg`` that differ from the checkpoint's run; return the
+    checkpoint's values of those its optimizer and LR-scheduler state hold."""
     current = OmegaConf.to_container(cfg, resolve=True)
     before = flatten_config({k: saved.get(k) for k in _COMPARED_KEYS})
     now = flatten_config({k: current.get(k) for k in _COMPARED_KEYS})
@@ -247,6 +268,14 @@ def _warn_changed_settings(saved: Mapping[str, Any], cfg: DictConfig, path: Path
     ]
     if changes:
         log.warning("resuming from %s with settings that differ from its run: %s", path, "; ".join(changes))
+    held = {key: before[key] for key in _HELD_BY_OPTIMIZER_STATE if key in before and key in now and before[key] != now[key]}
+    if held:
+        log.warning(
+            "%s: not applied when resuming; the run goes on with the checkpoint's values, which its optimizer "
+            "and LR-schedule state hold. To train with the new ones, start a new run from its weights: init_from=%s",
+            ", ".join(held), path,
+        )
+    return held
 
 
 # ---------------------------------------------------------------------- random generators

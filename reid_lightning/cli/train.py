@@ -214,6 +214,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
     resume = ResumePlan.from_config(cfg)  # fails early when the checkpoint to resume from is missing
+    resume.keep_held_settings(cfg)  # the learning rate etc. that the restored optimizer state holds
     if pl.utilities.rank_zero_only.rank == 0:
         print_config_tree(cfg, save_to=output_dir / "config_tree.log")
 
