@@ -99,8 +99,10 @@ def test_a_loaded_state_keeps_the_kernel_the_optimizer_was_built_with(saved_fuse
     saved = build_optimizer(net, fused=saved_fused)
     _step(net, saved)
     built = build_optimizer(net, fused=not saved_fused)
-    built.load_state_dict(saved.state_dict())
+    state = saved.state_dict()
+    built.load_state_dict(state)
     assert [bool(group["fused"]) for group in built.param_groups] == [not saved_fused] * len(built.param_groups)
+    assert bool(state["param_groups"][0]["fused"]) is saved_fused  # the caller's state dict is left as it was
     loaded, expected = built.state_dict()["state"], saved.state_dict()["state"]
     assert all(torch.equal(loaded[i]["exp_avg"], expected[i]["exp_avg"]) for i in expected)  # the state itself is loaded
     if not saved_fused:  # built fused: under 16-mixed torch's GradScaler hands it the scale, which only the fused kernel takes

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -114,11 +115,12 @@ def keep_kernel_choice(optimizer: torch.optim.Optimizer) -> torch.optim.Optimize
     """
     choice = {key: optimizer.defaults.get(key) for key in KERNEL_KEYS}
 
-    def restore_choice(loaded: torch.optim.Optimizer) -> None:
-        for group in loaded.param_groups:
-            group.update(choice)
+    def with_own_choice(_: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        # before torch reads the groups: it also places each saved ``step`` by them (on the
+        # parameter's device for the fused kernel, where the checkpoint's loop kept it on the CPU)
+        return {**state_dict, "param_groups": [{**group, **choice} for group in state_dict["param_groups"]]}
 
-    optimizer.register_load_state_dict_post_hook(restore_choice)
+    optimizer.register_load_state_dict_pre_hook(with_own_choice)
     return optimizer
 
 
