@@ -8,16 +8,21 @@ Called as::
 
 The model is rebuilt from ``model=...`` on the command line, or from the config saved in the
 checkpoint (``reid_config``); the data come from ``data=...``, or from the checkpoint's config.
-A fast-reid checkpoint (``model_final.pth``) has no saved config: it needs both ``model=`` and
-``data=``.
+The evaluation settings are those of the checkpoint's run, so that its test figures come out
+again, with any ``evaluation.<key>=...`` given on the command line on top
+(:func:`evaluation_settings`). A fast-reid checkpoint (``model_final.pth``) has no saved config:
+it needs both ``model=`` and ``data=``, and takes ``conf/evaluation``.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from reid_lightning.checkpointing.load import load_model_checkpoint
@@ -32,6 +37,8 @@ from reid_lightning.data.samples import Sample
 from reid_lightning.engine.module import ReIDModule
 from reid_lightning.evaluation import compute_distance, save_cmc_curve, save_rank_lists
 from reid_lightning.launch.hydra_ddp import hydra_job_ddp
+
+log = logging.getLogger(__name__)
 
 
 def export_features(outputs: dict[str, Any], paths: list[str], out_path: Path) -> Path:
@@ -73,7 +80,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model_cfg = cfg.model if cfg.get("model") is not None else saved.model
     model = rebuild_model(ckpt, source=str(cfg.ckpt_path), strict=cfg.get("strict_load", True), model_cfg=model_cfg)
     want_outputs = bool(cfg.export_features or cfg.rank_lists.num_queries or cfg.cmc_curve)
-    evaluation = OmegaConf.to_container(cfg.evaluation, resolve=True)
+    evaluation = evaluation_settings(cfg, saved)
     module = ReIDModule(model, evaluation=evaluation, keep_eval_outputs=want_outputs, test_sets=datamodule.test_set_names)
 
     trainer = build_trainer(cfg, callbacks=[], loggers=[])
@@ -90,6 +97,31 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_extras(cfg, module.eval_outputs(position), [*split.query, *split.gallery], out_dir, datamodule.size)
     return metrics
+
+
+def evaluation_settings(cfg: DictConfig, saved: DictConfig) -> dict[str, Any]:
+    """The evaluation settings for ``cfg.ckpt_path``: the checkpoint's run's (``saved.evaluation``,
+    what its test used: flip, re-ranking, metric...), with the keys given on the command line
+    (``evaluation.flip=false``; ``evaluation=<option>`` gives them all) taken from
+    ``cfg.evaluation``, as are keys the checkpoint's config lacks. ``cfg.evaluation`` alone for a
+    checkpoint without saved settings (fast-reid's) or outside a Hydra run (no command line)."""
+    current = OmegaConf.to_container(cfg.evaluation, resolve=True)
+    if saved.get("evaluation") is None or not HydraConfig.initialized():
+        return current
+    given = set()
+    for override in OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task)):
+        group, _, key = override.key_or_group.partition(".")
+        if group == "evaluation":
+            if not key:
+                return current
+            given.add(key.split(".")[0])
+    kept = {key: value for key, value in OmegaConf.to_container(saved.evaluation, resolve=True).items()
+            if key in current and key not in given}
+    changed = {key: value for key, value in kept.items() if value != current[key]}
+    if changed:
+        log.info("evaluation settings of the checkpoint's run: %s (evaluation.<key>=... overrides them)",
+                 ", ".join(f"{key}={value}" for key, value in changed.items()))
+    return {**current, **kept}
 
 
 def save_extras(cfg: DictConfig, outputs: dict[str, Any], samples: list[Sample], out_dir: Path, size: tuple[int, int]) -> None:
