@@ -28,7 +28,8 @@ def _saved_run(cfg: DictConfig, **changes) -> DictConfig:
 )
 def test_eval_takes_the_checkpoints_evaluation_settings(tmp_path: Path, overrides, flip, rerank, rerank_k1) -> None:
     cfg = compose_eval(["ckpt_path=run.ckpt", *overrides], tmp_path)
-    settings = evaluation_settings(cfg, _saved_run(cfg, flip=True, rerank=True, rerank_k1=30))
+    settings = evaluation_settings(cfg, _saved_run(cfg, flip=True, rerank=True, rerank_k1=30, max_chunk_mb=4096))
+    assert settings["max_chunk_mb"] == cfg.evaluation.max_chunk_mb  # the memory bound is this machine's
     assert (settings["flip"], settings["rerank"]) == (flip, rerank)
     assert settings["rerank_k1"] == rerank_k1
     assert "removed_key" not in settings and set(settings) == set(cfg.evaluation)

@@ -99,11 +99,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+# evaluation keys that fit the machine, not the protocol (the figures do not depend on them):
+# always this run's
+MACHINE_EVALUATION_KEYS = frozenset({"max_chunk_mb"})
+
+
 def evaluation_settings(cfg: DictConfig, saved: DictConfig) -> dict[str, Any]:
     """The evaluation settings for ``cfg.ckpt_path``: the checkpoint's run's (``saved.evaluation``,
     what its test used: flip, re-ranking, metric...), with the keys given on the command line
     (``evaluation.flip=false``; ``evaluation=<option>`` gives them all) taken from
-    ``cfg.evaluation``, as are keys the checkpoint's config lacks. ``cfg.evaluation`` alone for a
+    ``cfg.evaluation``, as are keys the checkpoint's config lacks and the memory bound
+    (:data:`MACHINE_EVALUATION_KEYS`). ``cfg.evaluation`` alone for a
     checkpoint without saved settings (fast-reid's) or outside a Hydra run (no command line)."""
     current = OmegaConf.to_container(cfg.evaluation, resolve=True)
     if saved.get("evaluation") is None or not HydraConfig.initialized():
@@ -116,7 +122,7 @@ def evaluation_settings(cfg: DictConfig, saved: DictConfig) -> dict[str, Any]:
                 return current
             given.add(key.split(".")[0])
     kept = {key: value for key, value in OmegaConf.to_container(saved.evaluation, resolve=True).items()
-            if key in current and key not in given}
+            if key in current and key not in given and key not in MACHINE_EVALUATION_KEYS}
     changed = {key: value for key, value in kept.items() if value != current[key]}
     if changed:
         log.info("evaluation settings of the checkpoint's run: %s (evaluation.<key>=... overrides them)",
