@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_script
+from PIL import Image
 
-from reid_lightning.evaluation import compute_distance
+from reid_lightning.evaluation import compute_distance, draw_rank_strip
 from reid_lightning.inference import FeatureExtractor
 
 pytestmark = pytest.mark.slow
@@ -58,7 +59,8 @@ def test_extract_then_search(tiny_checkpoint, tiny_market_root, photos, tmp_path
 
     query = tiny_market_root / "query"
     out = tmp_path / "search"
-    run_script("search.py", ["index=index.npz", f"query={query}", "top_k=5", f"output_dir={out}"], cwd=tmp_path)
+    run_script("search.py", ["index=index.npz", f"query={query}", "top_k=5", "rank_list_size=3", f"output_dir={out}"],
+               cwd=tmp_path)
     results = json.loads((out / "results.json").read_text())
     q_names = sorted(p.name for p in query.glob("*.jpg"))
     assert list(results) == q_names
@@ -67,7 +69,11 @@ def test_extract_then_search(tiny_checkpoint, tiny_market_root, photos, tmp_path
         top = np.argsort(dist[q].numpy(), kind="stable")[:5]
         assert [path for path, _ in results[name]] == [index["paths"][g] for g in top]
         np.testing.assert_allclose([d for _, d in results[name]], dist[q, top].numpy(), atol=1e-5)
-    assert len(list((out / "rank_lists").glob("*.png"))) == len(q_names)
+    pictures = sorted((out / "rank_lists").glob("*.png"))
+    assert len(pictures) == len(q_names)
+    # each picture shows the first rank_list_size results (the query, then 3 gallery images)
+    three = draw_rank_strip(query / q_names[0], [], [], "query", top_k=3, size=extractor.size)
+    assert all(Image.open(picture).size == three.size for picture in pictures)
 
 
 def test_extract_rejects_an_empty_folder_and_a_missing_checkpoint(tiny_checkpoint, tmp_path):

@@ -133,7 +133,8 @@ def run_export(cfg: DictConfig) -> Path:
 
 def run_search(cfg: DictConfig) -> Path:
     """Rank the gallery of ``cfg.index`` (written by ``scripts/extract.py``) for each image of
-    ``cfg.query``; write ``results.json`` and, with ``cfg.rank_lists``, one PNG per query.
+    ``cfg.query``; write ``results.json`` and, with ``cfg.rank_lists``, one PNG per query (its
+    first ``cfg.rank_list_size`` results).
 
     ``results.json`` maps each query name to ``[[gallery path, distance], ...]``, nearest
     first. Query features are made with the index's checkpoint (or ``cfg.ckpt_path``) and its
@@ -171,7 +172,8 @@ def run_search(cfg: DictConfig) -> Path:
     if cfg.rank_lists:
         q_pids, _ = market_labels(query.files.names)
         (out_dir / "rank_lists").mkdir(exist_ok=True)
-        for i, (q_name, q_file, idx) in enumerate(zip(query.files.names, query.files.paths, indices.tolist())):
+        shown = indices[:, : max(1, cfg.rank_list_size)].tolist()  # results.json holds all top_k
+        for i, (q_name, q_file, idx) in enumerate(zip(query.files.names, query.files.paths, shown)):
             colours = [
                 UNKNOWN_COLOUR if q_pids[i] < 0 or index["pids"][g] < 0
                 else MATCH_COLOUR if index["pids"][g] == q_pids[i] else WRONG_COLOUR
