@@ -37,6 +37,28 @@ def compose_train(overrides: list[str], output_dir: Path | None = None) -> DictC
     return cfg
 
 
+def fit_tiny_bot(demo_root: Path, steps: int, workers: int = 0, precision: str = "32", overrides: list[str] | None = None,
+                 **trainer_args):
+    """Fit a BoT R18 (32x16, batch 8, random init) ``steps`` steps on the demo set under
+    ``demo_root`` with the real config on the CPU (seed 0; no validation, checkpoints, progress bar
+    or model summary; ``trainer_args`` on top). Returns ``(trainer, module)``."""
+    from reid_lightning.cli import train_benchmark as bench
+    from reid_lightning.cli.train import build_datamodule, build_model, build_trainer
+    from reid_lightning.engine.module import ReIDModule
+
+    cfg = bench.benchmark_config(model="bot_r18", height=32, width=16, batch=8, workers=workers, precision=precision,
+                                 data_dir=str(demo_root), overrides=overrides)
+    bench.seed(0)
+    datamodule = build_datamodule(cfg.data)
+    module = ReIDModule(build_model(cfg, datamodule.num_classes), solver=cfg.solver)
+    with open_dict(cfg):
+        cfg.trainer.update(max_steps=steps, limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
+                           enable_model_summary=False, **trainer_args)
+    trainer = build_trainer(cfg, [], loggers=[])
+    trainer.fit(module, datamodule=datamodule)
+    return trainer, module
+
+
 def script_command(script: str, args: list[str], threads: int = 1, full_error: bool = True) -> tuple[list[str], dict[str, str]]:
     """Command line and environment that run ``scripts/<script>`` as a user would, with ``tests/``
     importable (for test-only callbacks and hooks) and ``threads`` torch threads."""

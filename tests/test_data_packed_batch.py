@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import open_dict
+from conftest import fit_tiny_bot
 from torch.utils.data import DataLoader, default_collate
 
-from reid_lightning.cli import train_benchmark as bench
-from reid_lightning.cli.train import build_datamodule, build_model, build_trainer
 from reid_lightning.data.batch_normalize import BatchNormalizer
 from reid_lightning.data.packed_batch import (
     LAYOUT,
@@ -16,7 +14,6 @@ from reid_lightning.data.packed_batch import (
     collate_packed,
     unpack_integer_fields,
 )
-from reid_lightning.engine.module import ReIDModule
 
 
 def _sample(index: int) -> dict:
@@ -71,15 +68,7 @@ def test_two_tensors_cross_from_a_worker_and_normalise_like_the_default_batch() 
 
 def _trained_weights(demo_root, on_device: bool) -> dict[str, torch.Tensor]:
     """BoT R18 weights after 3 training steps of the Lightning fit, from one loader worker."""
-    cfg = bench.benchmark_config(model="bot_r18", height=32, width=16, batch=8, workers=1, data_dir=str(demo_root),
-                                 overrides=[f"data.normalize_on_device={str(on_device).lower()}"])
-    bench.seed(0)
-    datamodule = build_datamodule(cfg.data)
-    module = ReIDModule(build_model(cfg, datamodule.num_classes), solver=cfg.solver)
-    with open_dict(cfg):
-        cfg.trainer.update(max_steps=3, limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
-                           enable_model_summary=False)
-    build_trainer(cfg, [], loggers=[]).fit(module, datamodule=datamodule)
+    _, module = fit_tiny_bot(demo_root, 3, workers=1, overrides=[f"data.normalize_on_device={str(on_device).lower()}"])
     return module.model.state_dict()
 
 

@@ -5,14 +5,10 @@ import logging
 
 import pytest
 import torch
-from conftest import compose_train
-from omegaconf import open_dict
+from conftest import compose_train, fit_tiny_bot
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from reid_lightning.cli import train_benchmark as bench
-from reid_lightning.cli.train import build_datamodule, build_model, build_trainer
-from reid_lightning.engine.module import ReIDModule
 from reid_lightning.engine.optim import (
     build_optimizer,
     build_param_groups,
@@ -64,6 +60,14 @@ def test_bot_optimizer_is_adam_with_recipe_values():
     assert all(g["lr"] == pytest.approx(3.5e-4) and g["weight_decay"] == pytest.approx(5e-4) for g in opt.param_groups)
 
 
+def _step(net: _Net, optimizer: torch.optim.Optimizer, images: torch.Tensor) -> None:
+    """One optimizer step on ``images``, in which every parameter gets a gradient well above rounding."""
+    features = net.conv(images).mean(dim=(2, 3))
+    (net.fc(features).square().sum() + net.bn(features).pow(3).sum()).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
 def test_fused_kernel_takes_the_same_steps_as_the_per_tensor_loop(name):
     torch.manual_seed(0)
@@ -75,19 +79,9 @@ def test_fused_kernel_takes_the_same_steps_as_the_per_tensor_loop(name):
     images = torch.randn(6, 3, 5, 5)
     for _ in range(3):
         for net, optimizer in zip(nets, optimizers):
-            features = net.conv(images).mean(dim=(2, 3))  # every parameter gets a gradient well above rounding
-            (net.fc(features).square().sum() + net.bn(features).pow(3).sum()).backward()
-            optimizer.step()
-            optimizer.zero_grad()
+            _step(net, optimizer, images)
     for fused, loop in zip(nets[0].parameters(), nets[1].parameters()):
         torch.testing.assert_close(fused, loop, rtol=1e-4, atol=1e-5)  # rounding, grown over 3 steps
-
-
-def _step(net: _Net, optimizer: torch.optim.Optimizer) -> None:
-    features = net.conv(torch.randn(6, 3, 5, 5)).mean(dim=(2, 3))
-    (net.fc(features).square().sum() + net.bn(features).sum()).backward()
-    optimizer.step()
-    optimizer.zero_grad()
 
 
 @pytest.mark.parametrize("saved_fused", [True, False])
@@ -97,7 +91,7 @@ def test_a_loaded_state_keeps_the_kernel_the_optimizer_was_built_with(saved_fuse
     torch.manual_seed(0)
     net = _Net()
     saved = build_optimizer(net, fused=saved_fused)
-    _step(net, saved)
+    _step(net, saved, torch.randn(6, 3, 5, 5))
     built = build_optimizer(net, fused=not saved_fused)
     state = saved.state_dict()
     built.load_state_dict(state)
@@ -107,7 +101,7 @@ def test_a_loaded_state_keeps_the_kernel_the_optimizer_was_built_with(saved_fuse
     assert all(torch.equal(loaded[i]["exp_avg"], expected[i]["exp_avg"]) for i in expected)  # the state itself is loaded
     if not saved_fused:  # built fused: under 16-mixed torch's GradScaler hands it the scale, which only the fused kernel takes
         built.grad_scale, built.found_inf = torch.tensor(1.0), torch.tensor(0.0)
-    _step(net, built)
+    _step(net, built, torch.randn(6, 3, 5, 5))
 
 
 def test_fused_falls_back_where_the_device_has_no_kernel():
@@ -125,15 +119,7 @@ def test_solver_fused_reaches_the_optimizer():
 def _fit_optimizer(demo_root, precision: str, clip: float | None) -> torch.optim.Optimizer:
     """The optimizer of a 2-step BoT R18 fit of the real config on the CPU."""
     torch.set_num_threads(1)
-    cfg = bench.benchmark_config(model="bot_r18", height=32, width=16, batch=8, workers=0, precision=precision,
-                                 data_dir=str(demo_root))
-    datamodule = build_datamodule(cfg.data)
-    module = ReIDModule(build_model(cfg, datamodule.num_classes), solver=cfg.solver)
-    with open_dict(cfg):
-        cfg.trainer.update(max_steps=2, limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
-                           enable_model_summary=False, gradient_clip_val=clip)
-    trainer = build_trainer(cfg, [], loggers=[])
-    trainer.fit(module, datamodule=datamodule)
+    trainer, _ = fit_tiny_bot(demo_root, 2, precision=precision, gradient_clip_val=clip)
     assert trainer.global_step == 2
     return trainer.optimizers[0]
 
