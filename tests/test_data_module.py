@@ -227,6 +227,19 @@ def test_verify_images_lists_every_bad_file(tmp_path: Path) -> None:
     assert str(bad) in str(info.value) and str(missing) in str(info.value)
 
 
+def test_verify_images_finds_a_truncated_jpeg(tmp_path: Path) -> None:
+    # a copy cut short keeps a valid JPEG header: Image.verify passes it, the loader's decode fails
+    whole, cut = tmp_path / "whole.jpg", tmp_path / "0001_c1s1_000001_00.jpg"
+    Image.effect_noise((64, 128), 64).convert("RGB").save(whole, quality=95)
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(RuntimeError, match="cannot read image"):
+        ImageDataset([Sample(str(cut), 1, 0)], build_test_transforms((32, 16)))[0]
+    verify_images([Sample(str(whole), 1, 0)])
+    with pytest.raises(RuntimeError, match="1 unreadable image") as info:
+        verify_images([Sample(str(whole), 1, 0), Sample(str(cut), 1, 0)])
+    assert str(cut) in str(info.value)
+
+
 def test_datamodule_verify_images_at_setup(tmp_path: Path) -> None:
     bad = corrupt_tree(tmp_path)
     options = dict(dataset="folder", root=str(tmp_path), batch_size=2, num_instances=1, num_workers=0)

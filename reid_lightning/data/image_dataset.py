@@ -42,7 +42,10 @@ def read_image(path: str) -> Image.Image:
 
 
 def verify_images(samples: Sequence[Sample]) -> None:
-    """Checks every image file with PIL's ``Image.verify`` (structure, no full decode).
+    """Checks every image file by decoding it in full with PIL, as training will.
+
+    ``Image.verify`` alone checks a file's structure only: a JPEG cut short by an interrupted
+    copy passes it and then fails the run when a loader first decodes it.
 
     Args:
         samples: the samples whose files to check.
@@ -54,7 +57,7 @@ def verify_images(samples: Sequence[Sample]) -> None:
     for sample in samples:
         try:
             with Image.open(sample.path) as image:
-                image.verify()
+                image.load()
         except (OSError, ValueError, SyntaxError) as error:
             bad.append(f"{sample.path} ({error})")
     if bad:
