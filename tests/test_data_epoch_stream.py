@@ -111,3 +111,27 @@ def test_fit_trains_on_each_epochs_batches_and_teardown_closes_the_stream(data_r
     expected = [(epoch, batch["targets"].tolist()) for epoch in range(3) for batch in dm.build_train_loader(0, 1, epoch=epoch)]
     assert probe.seen == expected
     assert restarts == [0] and dm._train_stream is None
+
+
+@pytest.mark.parametrize("stream_epochs", [True, False])
+def test_a_run_resumed_during_an_epoch_trains_on_the_rest_of_it(data_root: Path, tmp_path: Path, stream_epochs: bool) -> None:
+    # a checkpoint written after batch 2 of epoch 1 (every_n_train_steps): the resumed run must draw
+    # batches 2..7 of epoch 1, not batches 0..5 again (Lightning counts the 2 done ones)
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    def fit(callbacks: list, ckpt_path: str | None = None) -> list[tuple[int, list[int]]]:
+        probe = TargetsProbe()
+        trainer = pl.Trainer(
+            max_epochs=2, limit_val_batches=0, accelerator="cpu", devices=1, logger=False, callbacks=callbacks,
+            enable_checkpointing=bool(callbacks), enable_progress_bar=False, enable_model_summary=False,
+            use_distributed_sampler=False,
+        )
+        trainer.fit(probe, datamodule=make_datamodule(data_root, stream_epochs=stream_epochs), ckpt_path=ckpt_path)
+        return probe.seen
+
+    every = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=5, save_top_k=-1)
+    uninterrupted = fit([every])
+    per_epoch = len(uninterrupted) // 2
+    assert per_epoch == 8 and (tmp_path / "step=10.ckpt").is_file()
+    resumed = fit([], ckpt_path=str(tmp_path / "step=10.ckpt"))
+    assert resumed == uninterrupted[10:]

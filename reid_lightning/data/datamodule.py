@@ -206,7 +206,7 @@ class ReIDDataModule(pl.LightningDataModule):
         self._val: ReIDSplits | None = None
         self._test_splits: dict[str, ReIDSplits] | None = None
         self._parsed: dict[tuple, ReIDSplits] = {}
-        self._resume_epoch: int | None = None
+        self._resume_epoch: tuple[int, int] | None = None
 
     def prepare_data(self) -> None:
         """Generates the demo sets (Lightning runs this on one process per node before ``setup``)."""
@@ -304,26 +304,37 @@ class ReIDDataModule(pl.LightningDataModule):
         return [*first.query, *first.gallery]
 
     def state_dict(self) -> dict[str, Any]:
-        """Checkpoint state: ``{"next_epoch": e}``, the epoch whose batches training draws next.
+        """Checkpoint state: ``{"next_epoch": e, "next_batch": b}``, the epoch whose batches
+        training draws next and how many of its global batches were already trained on (0 unless
+        the checkpoint was written during the epoch, e.g. by ``every_n_train_steps``).
 
         Lightning builds the training loader and makes its iterator (loader workers then fetch
         their first batches) before it restores the loops and calls ``set_epoch``; a restored run
-        starts its loader at ``next_epoch`` so that those batches come from the right epoch.
+        starts its loader at ``next_epoch``, batch ``next_batch``, so that those batches come from
+        the right epoch and a run resumed during an epoch trains on the rest of it (Lightning
+        counts the batches done, but would draw them from the start of the epoch again).
         """
         if self.trainer is None:
             return {}
-        return {"next_epoch": self.trainer.current_epoch + int(self.trainer.fit_loop.epoch_loop.done)}
+        loop = self.trainer.fit_loop.epoch_loop
+        done = loop.done
+        return {
+            "next_epoch": self.trainer.current_epoch + int(done),
+            "next_batch": 0 if done else loop.batch_progress.current.processed,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`; the next training loader starts at its ``next_epoch``."""
-        self._resume_epoch = state_dict.get("next_epoch")
+        """Restores :meth:`state_dict`; the next training loader starts at its ``next_epoch``, batch ``next_batch``."""
+        if "next_epoch" in state_dict:
+            self._resume_epoch = (state_dict["next_epoch"], state_dict.get("next_batch", 0))
 
-    def _first_train_epoch(self) -> int:
-        """Epoch of a new training loader: the restored ``next_epoch`` once, else the trainer's."""
+    def _first_train_epoch(self) -> tuple[int, int]:
+        """Epoch and first global batch of a new training loader: the restored ``next_epoch`` and
+        ``next_batch`` once, else the trainer's epoch from its start."""
         if self._resume_epoch is not None:
-            epoch, self._resume_epoch = self._resume_epoch, None
-            return epoch
-        return self.trainer.current_epoch if self.trainer is not None else 0
+            resume, self._resume_epoch = self._resume_epoch, None
+            return resume
+        return (self.trainer.current_epoch if self.trainer is not None else 0), 0
 
     def distributed_context(self) -> tuple[int, int]:
         """``(rank, world_size)`` from the attached trainer, else from ``torch.distributed``, else ``(0, 1)``."""
@@ -375,7 +386,9 @@ class ReIDDataModule(pl.LightningDataModule):
             seed=seed, rank=rank, world_size=world_size, num_batches=num_batches,
         )
         sampler = SeededSampler(identities, seed, rank)
-        sampler.set_epoch(self._first_train_epoch() if epoch is None else epoch)
+        first, done = self._first_train_epoch() if epoch is None else (epoch, 0)
+        sampler.set_epoch(first)
+        sampler.resume_at(first, done * (self.batch_size // world_size))
         return sampler
 
     def _train_loader(self, sampler: Sampler, world_size: int) -> DataLoader:

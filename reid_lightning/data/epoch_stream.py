@@ -44,7 +44,8 @@ class _EpochChain(Sampler[tuple[int, int]]):
 class EpochStream:
     """Iterates the epochs of ``sampler`` from one loader iterator.
 
-    Each ``iter()`` yields one epoch, ``len(make_loader(sampler))`` batches: the epoch
+    Each ``iter()`` yields one epoch, ``len(make_loader(sampler))`` batches (from its resume
+    position on when ``sampler.resume_at`` names that epoch): the epoch
     ``sampler.set_epoch`` last selected (Lightning calls it at each epoch start). When that epoch
     follows the one the stream just completed, the stream goes on; otherwise (the first epoch, a
     resumed run, after an epoch cut short by ``limit_train_batches`` or ``max_steps``) it starts
@@ -90,10 +91,14 @@ class EpochStream:
 
     def __iter__(self) -> Iterator[Any]:
         epoch = self.sampler.epoch
+        start = 0
         if self._stream is None or epoch != self._next_epoch:
+            # a resumed epoch (SeededSampler.resume_at) starts at its first batch not yet drawn
+            start = self.sampler.resume_position() // self.batch_size
             self._restart(epoch)
+            self.sampler.clear_resume()  # the restarted chain holds it
         self._next_epoch = None
-        for position in range(self._length):
+        for position in range(start, self._length):
             batch = next(self._stream)
             if position == self._length - 1:  # complete before the consumer stops asking
                 self._next_epoch = epoch + 1

@@ -42,6 +42,27 @@ class SeededSampler(Sampler[tuple[int, int]]):
         self.seed = seed
         self.rank = rank
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, position) of resume_at
+
+    def resume_at(self, epoch: int, position: int) -> None:
+        """Makes the next iteration, if it is one of epoch ``epoch``, start at its item ``position``:
+        the items before it are left out, the others keep their indices and seeds. A run resumed
+        from a checkpoint written during an epoch thus draws the rest of that epoch, not its start
+        again. ``len`` stays the whole epoch's (Lightning counts the batches already done).
+
+        Args:
+            epoch: the epoch being resumed.
+            position: items of that epoch already drawn (0: from its start).
+        """
+        self._resume = (epoch, position) if position > 0 else None
+
+    def resume_position(self) -> int:
+        """Where the next iteration starts in the current epoch (see :meth:`resume_at`)."""
+        return self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
+
+    def clear_resume(self) -> None:
+        """Forgets :meth:`resume_at`: the next iteration starts at the epoch's first item."""
+        self._resume = None
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch of the next iteration, here and in the wrapped sampler."""
@@ -51,9 +72,13 @@ class SeededSampler(Sampler[tuple[int, int]]):
             set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        start = self.resume_position()
+        self._resume = None  # once
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
-        for index in self.sampler:
-            yield int(index), int(rng.integers(2**63))
+        for position, index in enumerate(self.sampler):
+            seed = int(rng.integers(2**63))
+            if position >= start:
+                yield int(index), seed
 
     def __len__(self) -> int:
         return len(self.sampler)
