@@ -151,6 +151,21 @@ def test_folder_market_named(tmp_path: Path) -> None:
     assert sorted((s.pid, s.camid) for s in splits.train) == [(0, 0), (1, 0), (1, 1)]
 
 
+def test_folder_market_named_with_ten_or_more_cameras(tmp_path: Path) -> None:
+    # c1, c11 and c12 are three cameras: read as one (c(\d) takes the first digit), the
+    # evaluation would drop the query's true matches from cameras 11 and 12 as same-camera ones
+    write_images(tmp_path / "bounding_box_train", ["0001_c1s1_000001_00.jpg", "0001_c12s1_000002_00.jpg"])
+    write_images(tmp_path / "query", ["0002_c1s1_000003_00.jpg"])
+    write_images(tmp_path / "bounding_box_test", ["0002_c11s1_000004_00.jpg", "0002_c12s1_000005_00.jpg"])
+    splits = build_dataset("folder", tmp_path)
+    def cameras(samples: list) -> dict[str, int]:
+        return {Path(s.path).name.split("s1")[0]: s.camid for s in samples}
+
+    assert cameras(splits.train) == {"0001_c1": 0, "0001_c12": 2}
+    assert cameras(splits.query) == {"0002_c1": 0}
+    assert cameras(splits.gallery) == {"0002_c11": 1, "0002_c12": 2}
+
+
 def test_folder_identity_folders_with_cameras(tmp_path: Path) -> None:
     write_images(tmp_path / "bounding_box_train", ["alice/img_c1_0.jpg", "alice/img_c2_1.jpg", "bob/img_c2_0.jpg"])
     write_images(tmp_path / "query", ["carol/q_c1.jpg", "dave/q_c2.jpg"])

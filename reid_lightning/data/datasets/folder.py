@@ -16,10 +16,12 @@ from reid_lightning.data.datasets.layout import (
     relabel,
     warn_query_without_gallery,
 )
-from reid_lightning.data.datasets.market_layout import MARKET_PATTERN, parse_market_name
+from reid_lightning.data.datasets.market_layout import parse_market_name
 from reid_lightning.data.samples import ReIDSplits, Sample
 
 CAMERA_PATTERN = r"(?<![A-Za-z])c(\d+)"
+# Market-1501's pattern with a camera number of any length: ``0001_c12s1_...`` is camera 12, not 1
+FLAT_PATTERN = re.compile(r"([-\d]+)_c(\d+)")
 
 
 class _RawImage(NamedTuple):
@@ -78,8 +80,9 @@ def folder(root: str | Path, pattern: str | None = None, camera_pattern: str = C
 
     Each split folder holds either
 
-    * images named like Market-1501 (``pattern``, default ``([-\\d]+)_c(\\d)``:
-      group 1 the pid, group 2 the camera number), or
+    * images named like Market-1501 (``pattern``, default ``([-\\d]+)_c(\\d+)``:
+      group 1 the pid, group 2 the camera number, of any number of digits: ``c12s1``
+      is camera 12), or
     * one sub-folder per identity (the folder name is the identity; integer names
       are kept as pids, other names are numbered in sorted order) whose file
       names may carry a camera number matched by ``camera_pattern`` (default: a
@@ -112,7 +115,7 @@ def folder(root: str | Path, pattern: str | None = None, camera_pattern: str = C
         described = ", ".join(f"{split_dir} ({form})" for split_dir, form in forms.items())
         raise ValueError(f"split folders of {data_dir} use different forms: {described}; use one form for all")
     if forms[folders[0]] == "flat":
-        flat_pattern = re.compile(pattern) if pattern is not None else MARKET_PATTERN
+        flat_pattern = re.compile(pattern) if pattern is not None else FLAT_PATTERN
         raw = [_read_flat(split_dir, flat_pattern) for split_dir in folders]
     else:
         raw = [_read_identity_folders(split_dir, re.compile(camera_pattern)) for split_dir in folders]
