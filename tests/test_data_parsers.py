@@ -166,6 +166,30 @@ def test_folder_market_named_with_ten_or_more_cameras(tmp_path: Path) -> None:
     assert cameras(splits.gallery) == {"0002_c11": 1, "0002_c12": 2}
 
 
+@pytest.mark.parametrize(
+    ("form", "option", "value", "message"),
+    [
+        ("flat", "pattern", r"(\d+)_c", "folder pattern '.*' needs 2 group"),
+        ("flat", "pattern", r"([", "folder pattern '.*' is not a valid regular expression"),
+        ("identity", "camera_pattern", r"c\d+", "folder camera_pattern '.*' needs 1 group"),
+        ("identity", "camera_pattern", r"((", "folder camera_pattern '.*' is not a valid regular expression"),
+    ],
+)
+def test_folder_bad_patterns_are_named(tmp_path: Path, form: str, option: str, value: str, message: str) -> None:
+    # data.dataset_kwargs.pattern=... from the command line: an IndexError ("no such group") or a
+    # re.error deep in the parser named neither the option nor the data set entry
+    if form == "flat":
+        write_images(tmp_path / "bounding_box_train", ["0001_c1s1_000001_00.jpg"])
+        write_images(tmp_path / "query", ["0002_c1s1_000002_00.jpg"])
+        write_images(tmp_path / "bounding_box_test", ["0002_c2s1_000003_00.jpg"])
+    else:
+        write_images(tmp_path / "bounding_box_train", ["alice/a_c1.jpg"])
+        write_images(tmp_path / "query", ["bob/b_c1.jpg"])
+        write_images(tmp_path / "bounding_box_test", ["bob/b_c2.jpg"])
+    with pytest.raises(ValueError, match=message):
+        build_dataset("folder", tmp_path, **{option: value})
+
+
 def test_folder_identity_folders_with_cameras(tmp_path: Path) -> None:
     write_images(tmp_path / "bounding_box_train", ["alice/img_c1_0.jpg", "alice/img_c2_1.jpg", "bob/img_c2_0.jpg"])
     write_images(tmp_path / "query", ["carol/q_c1.jpg", "dave/q_c2.jpg"])

@@ -67,6 +67,17 @@ def _read_identity_folders(folder: Path, camera_pattern: re.Pattern[str]) -> lis
     return images
 
 
+def _compile(option: str, pattern: str, groups: int, meaning: str) -> re.Pattern[str]:
+    """Compiles a pattern option of :func:`folder`, refusing one that is invalid or has fewer than ``groups`` groups."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"folder {option} {pattern!r} is not a valid regular expression: {error}") from error
+    if compiled.groups < groups:
+        raise ValueError(f"folder {option} {pattern!r} needs {groups} group(s) in parentheses: {meaning}")
+    return compiled
+
+
 def _identity_numbers(names: set[str]) -> dict[str, int]:
     """Keeps integer identity names as they are; otherwise numbers the names in sorted order."""
     try:
@@ -106,7 +117,8 @@ def folder(root: str | Path, pattern: str | None = None, camera_pattern: str = C
 
     Raises:
         FileNotFoundError: ``root`` or a split folder is missing.
-        ValueError: an empty split, mixed forms, or an unparsable Market-style name.
+        ValueError: an empty split, mixed forms, an unparsable Market-style name, or a
+            ``pattern``/``camera_pattern`` that is no regular expression or lacks its groups.
     """
     data_dir = find_dataset_dir(root, (".",), MARKET_SPLIT_DIRS, "folder")
     folders = [data_dir / split for split in MARKET_SPLIT_DIRS]
@@ -115,10 +127,13 @@ def folder(root: str | Path, pattern: str | None = None, camera_pattern: str = C
         described = ", ".join(f"{split_dir} ({form})" for split_dir, form in forms.items())
         raise ValueError(f"split folders of {data_dir} use different forms: {described}; use one form for all")
     if forms[folders[0]] == "flat":
-        flat_pattern = re.compile(pattern) if pattern is not None else FLAT_PATTERN
+        flat_pattern = FLAT_PATTERN if pattern is None else _compile(
+            "pattern", pattern, 2, r"group 1 the pid, group 2 the camera number, e.g. '([-\d]+)_c(\d+)'"
+        )
         raw = [_read_flat(split_dir, flat_pattern) for split_dir in folders]
     else:
-        raw = [_read_identity_folders(split_dir, re.compile(camera_pattern)) for split_dir in folders]
+        cameras_in_names = _compile("camera_pattern", camera_pattern, 1, r"group 1 the camera number, e.g. 'c(\d+)'")
+        raw = [_read_identity_folders(split_dir, cameras_in_names) for split_dir in folders]
 
     pids = _identity_numbers({image.identity for split in raw for image in split})
     kept = [[image for image in split if pids[image.identity] != -1] for split in raw]
