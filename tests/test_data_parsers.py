@@ -190,6 +190,31 @@ def test_folder_bad_patterns_are_named(tmp_path: Path, form: str, option: str, v
         build_dataset("folder", tmp_path, **{option: value})
 
 
+@pytest.mark.parametrize("name", ["market1501", "folder"])
+def test_hidden_files_and_folders_are_skipped(tmp_path: Path, name: str) -> None:
+    # a set copied from a Mac to an exFAT drive holds a ._<name> resource file (not an image) beside
+    # every image; a notebook leaves .ipynb_checkpoints. fast-reid's glob('*.jpg') skips both.
+    write_images(tmp_path / "bounding_box_train", ["0001_c1s1_000001_00.jpg", "0002_c2s1_000002_00.jpg"])
+    write_images(tmp_path / "query", ["0003_c1s1_000003_00.jpg"])
+    write_images(tmp_path / "bounding_box_test", ["0003_c2s1_000004_00.jpg"])
+    for image in list(tmp_path.glob("*/*.jpg")):
+        (image.parent / f"._{image.name}").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / "bounding_box_train" / ".ipynb_checkpoints").mkdir()
+    splits = build_dataset(name, tmp_path)
+    assert (len(splits.train), len(splits.query), len(splits.gallery)) == (2, 1, 1)
+    assert not any(Path(s.path).name.startswith(".") for s in [*splits.train, *splits.query, *splits.gallery])
+
+
+def test_folder_identity_form_skips_hidden_folders_and_files(tmp_path: Path) -> None:
+    write_images(tmp_path / "bounding_box_train", ["alice/a_c1.jpg", "alice/._a_c1.jpg", ".ipynb_checkpoints/x_c1.jpg"])
+    write_images(tmp_path / "query", ["bob/b_c1.jpg"])
+    write_images(tmp_path / "bounding_box_test", ["bob/b_c2.jpg"])
+    (tmp_path / "query" / "._bob.jpg").write_bytes(b"AppleDouble")
+    splits = build_dataset("folder", tmp_path)
+    assert [Path(s.path).name for s in splits.train] == ["a_c1.jpg"]
+    assert len(splits.query) == 1
+
+
 def test_folder_identity_folders_with_cameras(tmp_path: Path) -> None:
     write_images(tmp_path / "bounding_box_train", ["alice/img_c1_0.jpg", "alice/img_c2_1.jpg", "bob/img_c2_0.jpg"])
     write_images(tmp_path / "query", ["carol/q_c1.jpg", "dave/q_c2.jpg"])

@@ -11,6 +11,7 @@ from typing import NamedTuple
 from reid_lightning.data.datasets.layout import (
     MARKET_SPLIT_DIRS,
     find_dataset_dir,
+    is_hidden,
     is_image,
     list_images,
     relabel,
@@ -36,7 +37,7 @@ class _RawImage(NamedTuple):
 def _split_form(folder: Path) -> str:
     """Returns ``"flat"`` when a split folder holds images, ``"identity"`` when it holds
     sub-folders; raises ValueError when it holds both or neither."""
-    entries = list(folder.iterdir())
+    entries = [p for p in folder.iterdir() if not is_hidden(p)]
     has_images = any(is_image(p) for p in entries)
     has_dirs = any(p.is_dir() for p in entries)
     if has_images and has_dirs:
@@ -58,7 +59,7 @@ def _read_flat(folder: Path, pattern: re.Pattern[str]) -> list[_RawImage]:
 def _read_identity_folders(folder: Path, camera_pattern: re.Pattern[str]) -> list[_RawImage]:
     """Reads a split holding one sub-folder per identity; the camera comes from the file name when present."""
     images = []
-    for identity_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for identity_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not is_hidden(p)):
         for path in sorted(p for p in identity_dir.iterdir() if is_image(p)):
             match = camera_pattern.search(path.stem)
             images.append(_RawImage(path, identity_dir.name, int(match.group(1)) if match else None))

@@ -52,9 +52,17 @@ def find_dataset_dir(root: str | Path, candidates: Iterable[str], required: Sequ
     raise FileNotFoundError(f"data set {name!r} not found under {root}: looked for {looked}; {DATA_ROOT_HINT}")
 
 
+def is_hidden(path: Path) -> bool:
+    """Tells whether a file or folder name starts with a dot: macOS's ``._<name>`` resource files
+    (written beside every image copied to a FAT, exFAT or network drive), ``.ipynb_checkpoints``.
+    The parsers skip them, as fast-reid's ``glob('*.jpg')`` does."""
+    return path.name.startswith(".")
+
+
 def is_image(path: Path) -> bool:
-    """Tells whether a path names an image file by its extension (.jpg .jpeg .png .bmp, any case)."""
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+    """Tells whether a path names an image file by its extension (.jpg .jpeg .png .bmp, any case),
+    hidden files (:func:`is_hidden`) excepted."""
+    return not is_hidden(path) and path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def list_images(folder: Path) -> list[Path]:
