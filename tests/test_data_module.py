@@ -317,3 +317,24 @@ def test_an_image_cache_the_system_refuses_stops_only_a_forced_cache(data_root, 
         make_datamodule(data_root, cache_images=True).build_train_loader(0, 1, epoch=0)
     dm = make_datamodule(data_root)
     assert dm.build_train_loader(0, 1, epoch=0).dataset.cache is None and dm.cache_images is False
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"batches_per_epoch": 0}, r"data.batches_per_epoch must be a positive integer \(null: "),
+        ({"batches_per_epoch": -1}, "data.batches_per_epoch must be a positive integer"),
+        ({"height": 0}, "data.height must be a positive integer, got 0"),
+        ({"batch_size": 30, "num_instances": 4}, "data.batch_size 30 must be a multiple of data.num_instances 4"),
+        ({"num_instances": 0}, "data.num_instances must be a positive integer, got 0"),
+        ({"test_batch_size": 0}, "data.test_batch_size must be a positive integer, got 0"),
+        ({"erasing_prob": 1.5}, r"data.erasing_prob must lie in \[0, 1\], got 1.5"),
+        ({"padding": -2}, "data.padding must be >= 0, got -2"),
+    ],
+)
+def test_bad_sizes_fail_at_construction_naming_the_key(data_root: Path, override: dict, message: str) -> None:
+    # they failed only when the training loader was built (after set-up and the model), named by
+    # the sampler or the image cache (height 0: "SharedImageCache needs a positive count and
+    # shape"), or not at all: batches_per_epoch=0 silently meant the default epoch
+    with pytest.raises(ValueError, match=message):
+        ReIDDataModule(dataset="demo", root=str(data_root), **override)

@@ -60,6 +60,38 @@ def shard_range(num_samples: int, rank: int, world_size: int) -> range:
     return range(rank * num_samples // world_size, (rank + 1) * num_samples // world_size)
 
 
+def check_sizes(**values: Any) -> None:
+    """Checks the sizes and probabilities of a :class:`ReIDDataModule` when it is built, so that
+    a bad ``data.<key>=...`` override fails at once with its key named, not later in a sampler,
+    a transform or the image cache with another name.
+
+    Args:
+        **values: ``height``, ``width``, ``batch_size``, ``num_instances``, ``test_batch_size``
+            (positive integers), ``batches_per_epoch`` (None or a positive integer),
+            ``flip_prob``, ``erasing_prob`` (in [0, 1]) and ``padding`` (>= 0).
+
+    Raises:
+        ValueError: naming the first ``data.<key>`` out of range.
+    """
+    for key in ("height", "width", "batch_size", "num_instances", "test_batch_size", "batches_per_epoch"):
+        value = values[key]
+        if key == "batches_per_epoch" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            default = " (null: fast-reid's len(train images) // batch_size)" if key == "batches_per_epoch" else ""
+            raise ValueError(f"data.{key} must be a positive integer{default}, got {value!r}")
+    if values["batch_size"] % values["num_instances"]:
+        raise ValueError(
+            f"data.batch_size {values['batch_size']} must be a multiple of data.num_instances "
+            f"{values['num_instances']} (P identities x K images per batch)"
+        )
+    for key in ("flip_prob", "erasing_prob"):
+        if not 0 <= values[key] <= 1:
+            raise ValueError(f"data.{key} must lie in [0, 1], got {values[key]!r}")
+    if values["padding"] < 0:
+        raise ValueError(f"data.padding must be >= 0, got {values['padding']!r}")
+
+
 class ReIDDataModule(pl.LightningDataModule):
     """Train and evaluation data of a re-identification data set.
 
@@ -135,8 +167,9 @@ class ReIDDataModule(pl.LightningDataModule):
             (:class:`~reid_lightning.data.samplers.BalancedIdentitySampler`).
 
     Raises:
-        ValueError: for an unknown ``sampler``, or a ``normalize_on_device`` or ``cache_images``
-            other than true, false or auto.
+        ValueError: for an unknown ``sampler``, a ``normalize_on_device`` or ``cache_images``
+            other than true, false or auto, or a size or probability out of range
+            (:func:`check_sizes`).
     """
 
     def __init__(
@@ -172,6 +205,11 @@ class ReIDDataModule(pl.LightningDataModule):
         for name, value in (("normalize_on_device", normalize_on_device), ("cache_images", cache_images)):
             if not isinstance(value, bool) and value != "auto":
                 raise ValueError(f"data.{name} must be true, false or auto, got {value!r}")
+        check_sizes(
+            height=height, width=width, batch_size=batch_size, num_instances=num_instances,
+            test_batch_size=test_batch_size, batches_per_epoch=batches_per_epoch,
+            flip_prob=flip_prob, erasing_prob=erasing_prob, padding=padding,
+        )
         self.save_hyperparameters(logger=False)  # saved in checkpoints; scripts/train.py logs the whole config
         self.dataset = dataset
         self.root = str(root)
@@ -379,7 +417,7 @@ class ReIDDataModule(pl.LightningDataModule):
     def _train_sampler(self, rank: int, world_size: int, epoch: int | None, stream: int) -> SeededSampler:
         """The seeded identity sampler of :meth:`build_train_loader`, set to its first epoch."""
         train = self.splits.train
-        num_batches = self.batches_per_epoch or max(1, len(train) // self.batch_size)
+        num_batches = self.batches_per_epoch if self.batches_per_epoch is not None else max(1, len(train) // self.batch_size)
         seed = self.seed if stream == 0 else int(np.random.SeedSequence([self.seed, stream]).generate_state(1)[0])
         identities = build_identity_sampler(
             self.sampler, [s.pid for s in train], self.batch_size, self.num_instances,
