@@ -4,6 +4,7 @@ evaluation sharding together."""
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from reid_lightning.data.batch_normalize import BatchNormalizer
@@ -41,6 +43,10 @@ from reid_lightning.data.transforms import build_test_transforms, build_train_tr
 from reid_lightning.data.validation_split import hold_out_identities
 
 log = logging.getLogger(__name__)
+
+
+# Lightning's warning on resuming during an epoch with a loader it cannot resume (this module resumes it)
+_NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 
 
 def shard_range(num_samples: int, rank: int, world_size: int) -> range:
@@ -362,9 +368,13 @@ class ReIDDataModule(pl.LightningDataModule):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`; the next training loader starts at its ``next_epoch``, batch ``next_batch``."""
+        """Restores :meth:`state_dict`; the next training loader starts at its ``next_epoch``, batch
+        ``next_batch``. Lightning's warning that a checkpoint written during an epoch meets a loader
+        that is "not resumable" is silenced: this module restores the loader's position itself."""
         if "next_epoch" in state_dict:
             self._resume_epoch = (state_dict["next_epoch"], state_dict.get("next_batch", 0))
+        if state_dict.get("next_batch", 0) > 0:
+            warnings.filterwarnings("ignore", message=_NOT_RESUMABLE_WARNING, category=PossibleUserWarning)
 
     def _first_train_epoch(self) -> tuple[int, int]:
         """Epoch and first global batch of a new training loader: the restored ``next_epoch`` and
