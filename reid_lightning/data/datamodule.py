@@ -276,6 +276,13 @@ class ReIDDataModule(pl.LightningDataModule):
         """
         if self._test_splits is None:
             self._test_splits = {entry.label: self._load(entry) for entry in self.test_entries}
+            for label, splits in self._test_splits.items():
+                if splits.query and not splits.num_matchable_queries():
+                    raise ValueError(
+                        f"test set {label}: no query image has a gallery image of its identity from another "
+                        "camera, and the Market protocol drops same-camera matches, so no query can be "
+                        "scored; check the camera ids the parser reads from the file names"
+                    )
             if self.verify_images:
                 verify_images([s for splits in self._test_splits.values() for s in [*splits.query, *splits.gallery]])
         if self._splits is not None or stage in ("test", "predict"):

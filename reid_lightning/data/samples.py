@@ -64,6 +64,14 @@ class ReIDSplits:
         """Number of distinct cameras among the training images."""
         return len({s.camid for s in self.train})
 
+    def num_matchable_queries(self) -> int:
+        """Queries with a gallery image of their pid from another camera: the ones the Market
+        protocol can score (it drops same-camera matches); 0 makes every evaluation fail."""
+        cameras: dict[int, set[int]] = {}
+        for sample in self.gallery:
+            cameras.setdefault(sample.pid, set()).add(sample.camid)
+        return sum(bool(cameras.get(q.pid, set()) - {q.camid}) for q in self.query)
+
     def summary_table(self) -> str:
         """Renders fast-reid's data set summary.
 
