@@ -141,8 +141,14 @@ def test_sampler_key_picks_the_identity_sampler(data_root: Path, tmp_path: Path)
     cfg = compose_train([], output_dir=tmp_path)
     assert cfg.data.sampler == "naive"  # fast-reid's, the BoT default
     for name, kind in (("naive", NaiveIdentitySampler), ("balanced", BalancedIdentitySampler)):
-        loader = make_datamodule(data_root, sampler=name).build_train_loader(0, 1)
+        dm = make_datamodule(data_root, sampler=name)
+        loader = dm.build_train_loader(0, 1)
         assert type(loader.sampler.sampler) is kind
+    # the balanced sampler spreads an identity's images over its cameras: it has them
+    cameras = [c.tolist() for c in loader.sampler.sampler.cameras]
+    train = dm.splits.train
+    assert cameras == [[train[i].camid for i in ids] for ids in loader.sampler.sampler.identities]
+    assert any(len(set(c)) > 1 for c in cameras)
     with pytest.raises(Exception, match="unknown data.sampler 'pk': choose one of naive, balanced"):
         instantiate(compose_train(["data.sampler=pk"], output_dir=tmp_path).data)
 

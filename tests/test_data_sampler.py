@@ -1,5 +1,6 @@
 """Identity samplers: P x K batches, rank slicing, lengths, determinism, validation (both
-kinds); fast-reid's draw frequencies (naive) and the uniform one (balanced)."""
+kinds); fast-reid's draw frequencies (naive) and the uniform one with images spread over
+cameras (balanced)."""
 
 from __future__ import annotations
 
@@ -52,10 +53,9 @@ def test_every_global_batch_is_p_identities_times_k(kind: type[IdentitySampler],
                 assert len(set(group)) == 4
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_long_epoch_cycles_through_images(kind: type[IdentitySampler]) -> None:
+def test_naive_long_epoch_cycles_through_images() -> None:
     pids = [0] * 8 + [1] * 8
-    sampler = kind(pids, batch_size=8, num_instances=4, num_batches=4)
+    sampler = NaiveIdentitySampler(pids, batch_size=8, num_instances=4, num_batches=4)
     seen = list(sampler)
     # every identity appears once per batch and takes 4 fresh images: 2 batches use all 8
     for pid in (0, 1):
@@ -183,3 +183,45 @@ def test_naive_epochs_are_consecutive_slices_of_the_pass_stream() -> None:
     for epoch in range(6):
         walker.set_epoch(epoch)
         assert list(walker) == epochs[epoch]
+
+
+# ------------------------------------------------------------ balanced: fast-reid's camera spread
+def test_balanced_takes_one_image_then_others_from_other_cameras() -> None:
+    # identity 0: cameras 0,0,0,1,1,2 (other cameras exist); identity 1: one camera, 5 images;
+    # identity 2: a single image; identity 3: camera 0 once, cameras 1,2,3 once each (exactly K - 1)
+    pids = [0] * 6 + [1] * 5 + [2] + [3] * 4
+    camids = [0, 0, 0, 1, 1, 2] + [4] * 5 + [0] + [0, 1, 2, 3]
+    sampler = BalancedIdentitySampler(pids, batch_size=16, num_instances=4, seed=1, camids=camids, num_batches=50)
+    for batch in batches(sampler, 16):
+        for start in range(0, 16, 4):
+            first, *rest = batch[start : start + 4]
+            pid = pids[first]
+            assert {pids[i] for i in rest} == {pid}
+            if pid == 0:
+                assert all(camids[i] != camids[first] for i in rest)
+            elif pid == 1:
+                assert first not in rest and len(set(rest)) == 3  # its other images, 4 >= K - 1
+            elif pid == 2:
+                assert rest == [first] * 3
+            elif camids[first] == 0:  # identity 3 from camera 0: the three other cameras, each once
+                assert sorted(camids[i] for i in rest) == [1, 2, 3]
+
+
+def test_balanced_draws_with_replacement_below_k_minus_1_candidates() -> None:
+    pids, camids = [0] * 3 + [1] * 3, [0, 1, 1, 0, 0, 0]
+    sampler = BalancedIdentitySampler(pids, batch_size=8, num_instances=4, seed=0, camids=camids, num_batches=20)
+    groups = [group for batch in batches(sampler, 8) for group in (batch[:4], batch[4:])]
+    assert all(len(group) == 4 and len({pids[i] for i in group}) == 1 for group in groups)
+    assert any(len(set(group)) < 4 for group in groups)
+
+
+def test_balanced_camids_must_match_the_images() -> None:
+    with pytest.raises(ValueError, match="camids holds 3 cameras for 55 images"):
+        BalancedIdentitySampler(PIDS, batch_size=8, num_instances=4, camids=[0, 1, 2])
+
+
+def test_build_identity_sampler_hands_the_cameras_to_the_balanced_sampler() -> None:
+    camids = [i % 3 for i in range(len(PIDS))]
+    sampler = build_identity_sampler("balanced", PIDS, 8, 4, camids=camids)
+    assert [c.tolist() for c in sampler.cameras] == [[camids[i] for i in ids] for ids in sampler.identities]
+    assert isinstance(build_identity_sampler("naive", PIDS, 8, 4, camids=camids), NaiveIdentitySampler)

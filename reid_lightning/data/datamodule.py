@@ -169,8 +169,8 @@ class ReIDDataModule(pl.LightningDataModule):
             in ``(0, 1)``; 0 validates on the test sets.
         sampler: ``"naive"``: fast-reid's NaiveIdentitySampler (identities drawn in
             proportion to their image count, :class:`~reid_lightning.data.samplers.NaiveIdentitySampler`);
-            ``"balanced"``: every identity once per pass
-            (:class:`~reid_lightning.data.samplers.BalancedIdentitySampler`).
+            ``"balanced"``: fast-reid's, every identity once per pass, its images from different
+            cameras (:class:`~reid_lightning.data.samplers.BalancedIdentitySampler`).
 
     Raises:
         ValueError: for an unknown ``sampler``, a ``normalize_on_device`` or ``cache_images``
@@ -438,7 +438,7 @@ class ReIDDataModule(pl.LightningDataModule):
         seed = self.seed if stream == 0 else int(np.random.SeedSequence([self.seed, stream]).generate_state(1)[0])
         identities = build_identity_sampler(
             self.sampler, [s.pid for s in train], self.batch_size, self.num_instances,
-            seed=seed, rank=rank, world_size=world_size, num_batches=num_batches,
+            camids=[s.camid for s in train], seed=seed, rank=rank, world_size=world_size, num_batches=num_batches,
         )
         sampler = SeededSampler(identities, seed, rank)
         first, done = self._first_train_epoch() if epoch is None else (epoch, 0)

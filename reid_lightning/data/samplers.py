@@ -9,8 +9,9 @@ Built by :meth:`ReIDDataModule.build_train_loader <reid_lightning.data.ReIDDataM
     indices = list(sampler)           # this rank's share of the epoch's global batches
 
 ``naive`` (:class:`NaiveIdentitySampler`) is fast-reid's ``NaiveIdentitySampler``: identities are
-drawn in proportion to their image count. ``balanced`` (:class:`BalancedIdentitySampler`) gives
-every identity one slot per pass over the identities.
+drawn in proportion to their image count. ``balanced`` (:class:`BalancedIdentitySampler`) is
+fast-reid's ``BalancedIdentitySampler``: every identity one slot per pass over the identities,
+its images from different cameras (``camids``).
 """
 
 from __future__ import annotations
@@ -226,53 +227,74 @@ class NaiveIdentitySampler(IdentitySampler):
 
 
 class BalancedIdentitySampler(IdentitySampler):
-    """Every identity once per pass over the identities (uniform identity frequency).
+    """fast-reid's ``BalancedIdentitySampler``: every identity once per pass, its K images
+    spread over cameras.
 
-    An identity with fewer than K images is sampled with replacement; otherwise its
-    images are drawn without replacement from a shuffled queue that is refilled when
-    fewer than K remain, so every image is used in turn.
+    A pass shuffles the identities and cuts them into groups of P (the remainder is dropped,
+    as fast-reid does). Each identity of a group gives one random image and K - 1 images
+    of its own from the other cameras (or, when it was seen by one camera only, its other
+    images; an identity with a single image repeats it). Those K - 1 are drawn without
+    replacement when there are at least K - 1 to draw from, else with replacement. (fast-reid
+    replaces when there are fewer than K, so an identity with exactly K - 1 candidates can
+    repeat an image while another goes unused; this sampler uses them all.)
 
-    An epoch shuffles the identities and cuts them into groups of P (the remainder
-    waits for the next shuffle), seeded by ``(seed, epoch)``; by default it holds one
-    such pass, ``num_identities // P`` global batches. With ``num_batches`` it chains
-    as many passes as needed for that many global batches.
+    Epoch ``e`` chains passes seeded by ``(seed, e)`` until it holds ``num_batches`` global
+    batches; by default one pass, ``num_identities // P`` (the data module passes fast-reid's
+    epoch, ``len(images) // batch_size``).
+
+    Args:
+        camids: the camera of every dataset index (keyword); None: one camera for all, so the
+            K - 1 images come from the identity's other images.
+        *args, **kwargs: as :class:`IdentitySampler`.
     """
+
+    def __init__(self, *args: Any, camids: Sequence[int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if camids is not None and len(camids) != self.num_images:
+            raise ValueError(f"camids holds {len(camids)} cameras for {self.num_images} images")
+        cameras = np.zeros(self.num_images, dtype=np.int64) if camids is None else np.asarray(camids)
+        self.cameras = [cameras[indices] for indices in self.identities]
 
     def default_num_batches(self) -> int:
         return len(self.identities) // self.ids_per_batch
 
     def global_batches(self) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        queues: dict[int, list[int]] = {}
         batches: list[list[int]] = []
         while len(batches) < self.num_batches:
             order = rng.permutation(len(self.identities))
             for start in range(0, len(order) - self.ids_per_batch + 1, self.ids_per_batch):
                 batch: list[int] = []
                 for identity in order[start : start + self.ids_per_batch].tolist():
-                    batch += self._draw(identity, rng, queues)
+                    batch += self._draw(identity, rng)
                 batches.append(batch)
                 if len(batches) == self.num_batches:
                     break
         return batches
 
-    def _draw(self, identity: int, rng: np.random.Generator, queues: dict[int, list[int]]) -> list[int]:
-        """Takes K images of one identity (with replacement when it has fewer than K)."""
-        indices = self.identities[identity]
-        if len(indices) < self.num_instances:
-            return rng.choice(indices, size=self.num_instances, replace=True).tolist()
-        queue = queues.get(identity, [])
-        if len(queue) < self.num_instances:
-            queue = rng.permutation(indices).tolist()
-        queues[identity] = queue[self.num_instances :]
-        return queue[: self.num_instances]
+    def _draw(self, identity: int, rng: np.random.Generator) -> list[int]:
+        """One random image of the identity, then K - 1 from its other cameras (else its other images)."""
+        indices, cameras = self.identities[identity], self.cameras[identity]
+        first = int(rng.integers(len(indices)))
+        candidates = indices[cameras != cameras[first]]
+        if not len(candidates):
+            candidates = np.delete(indices, first)
+        if not len(candidates):
+            return [int(indices[first])] * self.num_instances
+        rest = rng.choice(candidates, size=self.num_instances - 1, replace=len(candidates) < self.num_instances - 1)
+        return [int(indices[first]), *rest.tolist()]
 
 
 SAMPLERS: dict[str, type[IdentitySampler]] = {"naive": NaiveIdentitySampler, "balanced": BalancedIdentitySampler}
 
 
 def build_identity_sampler(
-    name: str, pids: Sequence[int], batch_size: int, num_instances: int, **kwargs: Any
+    name: str,
+    pids: Sequence[int],
+    batch_size: int,
+    num_instances: int,
+    camids: Sequence[int] | None = None,
+    **kwargs: Any,
 ) -> IdentitySampler:
     """Builds the identity sampler registered as ``name`` in :data:`SAMPLERS`.
 
@@ -281,6 +303,7 @@ def build_identity_sampler(
         pids: the identity of every dataset index.
         batch_size: global batch size, P * K.
         num_instances: K.
+        camids: the camera of every dataset index, for the samplers that use it (``balanced``).
         **kwargs: ``seed``, ``rank``, ``world_size``, ``num_batches`` (see :class:`IdentitySampler`).
 
     Raises:
@@ -288,4 +311,6 @@ def build_identity_sampler(
     """
     if name not in SAMPLERS:
         raise ValueError(f"unknown data.sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
+    if SAMPLERS[name] is BalancedIdentitySampler:
+        kwargs["camids"] = camids
     return SAMPLERS[name](pids, batch_size, num_instances, **kwargs)
