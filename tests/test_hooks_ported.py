@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from hooks_support import CLASSES, FEATURES, RandomDicts, TinyModule, make_trainer
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from reid_lightning.data import ReIDDataModule
 from reid_lightning.engine.hooks import (
@@ -190,3 +191,21 @@ def test_precise_bn_runs_at_after_train_when_stopped_early_but_not_after_an_exce
     with pytest.raises(RuntimeError, match="failing on purpose"):
         make_trainer(tmp_path, [PreciseBN(num_iter=3)]).fit(failed)
     assert int(failed.model[1].num_batches_tracked) == 2  # the two training steps only
+
+
+def test_periodic_writer_json_drops_the_replayed_steps_of_a_resumed_run(tmp_path: Path) -> None:
+    # a run that stops in the middle of epoch 1 resumes from the end of epoch 0 (step 3) and
+    # replays steps 3-4: the JSON file keeps one line per iteration, in order, like the CSV log
+    json_file = tmp_path / "metrics.jsonl"
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="last", save_on_train_epoch_end=True)
+    trainer = make_trainer(tmp_path, [PeriodicWriter(period=1, json_file=json_file), checkpoint],
+                           enable_checkpointing=True, max_epochs=3)
+    with pytest.raises(RuntimeError, match="on purpose"):
+        trainer.fit(TinyModule(batches=3, fail_at=5))
+    assert {3, 4} <= {json.loads(line)["iteration"] for line in json_file.read_text().splitlines()}
+
+    trainer = make_trainer(tmp_path, [PeriodicWriter(period=1, json_file=json_file)], max_epochs=3)
+    trainer.fit(TinyModule(batches=3), ckpt_path=str(tmp_path / "last.ckpt"))
+    records = [json.loads(line) for line in json_file.read_text().splitlines()]
+    assert [r["iteration"] for r in records] == list(range(9))
+    assert [r["epoch"] for r in records] == [0, 0, 0, 1, 1, 1, 2, 2, 2]

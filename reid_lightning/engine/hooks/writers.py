@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -32,7 +33,8 @@ class PeriodicWriter(HookBase):
     Args:
         period: steps between two writes.
         json_file: None (no file), ``"auto"`` (``<trainer.log_dir>/metrics.jsonl``, i.e. the first
-            logger's directory or ``default_root_dir``) or a path.
+            logger's directory or ``default_root_dir``) or a path. A resumed fit (``start_iter``
+            > 0) first drops the file's lines from ``start_iter`` on: the steps it replays.
         window_size: steps the medians cover.
     """
 
@@ -59,6 +61,8 @@ class PeriodicWriter(HookBase):
         if comm.is_main_process():
             path.parent.mkdir(parents=True, exist_ok=True)
             self._json_path = path
+            if self.trainer.start_iter > 0:
+                drop_lines_from(path, self.trainer.start_iter)
 
     def after_step(self) -> None:
         iteration = self.trainer.iter
@@ -120,3 +124,21 @@ class PeriodicWriter(HookBase):
         record = {"iteration": iteration, "epoch": self.trainer.epoch, **scalars}
         with self._json_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def drop_lines_from(path: Path, iteration: int) -> None:
+    """Remove the JSON lines of ``path`` recorded at ``iteration`` or later (and unreadable ones: a
+    line cut short by a killed process): a run resumed at ``iteration`` writes those steps again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("iteration"), int) and record["iteration"] < iteration:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
