@@ -7,13 +7,14 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR, explain, run_script
+from conftest import CONF_DIR, compose_train, explain, run_script
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from reid_lightning.cli.train import train
 from reid_lightning.launch.sweep_summary import (
     SweepSummary,
     collect_jobs,
@@ -210,3 +211,14 @@ def test_optuna_search_runs_two_trials_and_summarises_them(demo_root, tmp_path):
     assert [r[0] for r in rows[1:]] == ["0", "1"] and all(r[-1] == "ok" for r in rows[1:])
     assert {"solver.base_lr", "solver.weight_decay", "model.ce_eps"} <= set(rows[0])
     assert sorted(os.listdir(tmp_path)) == ["sweep"]
+
+
+def test_a_job_without_test_or_validation_figures_is_listed_as_ok(demo_root, tmp_path):
+    # run_test=false and no validation split: the job finishes with no figures, and is not a failed job
+    job_dir = tmp_path / "sweep" / "0"
+    cfg = compose_train([*TINY, f"paths.data_dir={demo_root}", "run_test=false"], output_dir=job_dir)
+    assert train(cfg) == {}
+    (job_dir / ".hydra").mkdir(parents=True)
+    (job_dir / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(["run_test=false"])))
+    rows = table_rows(write_summary(tmp_path / "sweep"))
+    assert rows[1] == ["0", "-", "-", "-", "ok"]

@@ -129,9 +129,12 @@ def metric_rows(metrics: dict[str, Any], label: str = "test") -> list[tuple[str,
 
 
 def write_metrics(metrics: dict[str, Any], output_dir: Path) -> Path:
-    """Write ``metrics.json`` into ``output_dir`` and print it as a table (one row per block)."""
+    """Write ``metrics.json`` into ``output_dir`` and print it as a table (one row per block;
+    no table for an empty dict)."""
     path = output_dir / "metrics.json"
     path.write_text(json.dumps(metrics, indent=2) + "\n")
+    if not metrics:
+        return path
     from rich.console import Console
     from rich.table import Table
 
@@ -209,7 +212,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         :data:`METRIC_NAMES`) of the first test set, ``test_sets`` (each test set's, when
         several), ``val`` (the final model's validation figures) and ``best`` (see
         :func:`evaluate_best_checkpoint`) when there is a validation split. Test figures are
-        absent when ``cfg.run_test`` is false; the dict is then empty without a validation split.
+        absent when ``cfg.run_test`` is false; the dict (and metrics.json) is then empty without a
+        validation split.
     """
     output_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
@@ -251,6 +255,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             best = selection_checkpoint(trainer) if datamodule.val_split is not None else None
             if best is not None:
                 metrics["best"] = evaluate_best_checkpoint(trainer, module, datamodule, best)
-    if metrics and trainer.is_global_zero:
+    if trainer.is_global_zero:
+        # also without figures (run_test=false, no validation split): a sweep's summary lists a
+        # job without metrics.json as failed
         write_metrics(metrics, output_dir)
     return metrics
