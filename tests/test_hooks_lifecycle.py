@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -230,3 +231,37 @@ def test_second_fit_on_the_same_trainer_starts_a_new_run(tmp_path: Path) -> None
     assert [e[2] for e in events_of(events, "before_train")] == [0, 2]
     assert [e[2] for e in events_of(events, "after_step")] == [0, 1, 2, 3]
     assert len(events_of(events, "after_train")) == 2
+
+
+class NumpyBest(HookBase):
+    """Keeps the best of something as a NumPy scalar (np.max of a list): not weights_only-loadable."""
+
+    def __init__(self) -> None:
+        self.best = None
+
+    def after_step(self) -> None:
+        self.best = np.max([self.trainer.iter, 0])
+
+    def state_dict(self) -> dict:
+        return {"scores": [1.0, {"best": self.best}]}
+
+
+def test_a_hook_state_that_weights_only_loading_refuses_fails_at_the_first_save(tmp_path: Path) -> None:
+    # the checkpoint would be written and then refused at resume time (torch.load(weights_only=True))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="last", save_on_train_epoch_end=True)
+    trainer = make_trainer(tmp_path, [NumpyBest(), checkpoint], enable_checkpointing=True)
+    with pytest.raises(TypeError, match=r"hook NumpyBest#0 holds a numpy\.int64 at state\['scores'\]\[1\]\['best'\]") as info:
+        trainer.fit(TinyModule(batches=3))
+    assert "weights_only" in str(info.value)
+    assert trainer.global_step == 3 and not (tmp_path / "last.ckpt").exists()
+
+
+def test_hook_state_of_plain_types_and_tensors_saves(tmp_path: Path) -> None:
+    class Plain(HookBase):
+        def state_dict(self) -> dict:
+            return {"a": (1, 2.0, "x", None, True), "b": [torch.ones(2)], 3: {"c": torch.zeros(1)}}
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="last", save_on_train_epoch_end=True)
+    make_trainer(tmp_path, [Plain(), checkpoint], enable_checkpointing=True, max_epochs=1).fit(TinyModule(batches=2))
+    (saved,) = [v for k, v in torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"].items() if "Plain" in k]
+    assert saved["a"] == (1, 2.0, "x", None, True) and saved[3]["c"].shape == (1,)

@@ -31,9 +31,13 @@ A subclass that also overrides one of these Lightning methods (or ``setup``) mus
 """
 from __future__ import annotations
 
+import io
+import pickle
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
 
 from reid_lightning.engine.hooks.adapter import HookAdapter
@@ -56,7 +60,8 @@ class HookBase(Callback):
 
     ``state_dict()`` / ``load_state_dict(state)`` (Lightning's ``Callback`` API, empty by default)
     go into the checkpoint under ``state_key``; keep the state to plain types and tensors so that
-    checkpoints load with ``torch.load(weights_only=True)``.
+    checkpoints load with ``torch.load(weights_only=True)``: saving a checkpoint raises a
+    ``TypeError`` naming the value otherwise (a NumPy scalar, a ``deque``, a dataclass...).
     """
 
     trainer: TrainerView
@@ -144,7 +149,52 @@ class HookBase(Callback):
     ) -> None:
         self._adapter(trainer).batch_end(self, outputs)
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state:
+            check_weights_only_loadable(state, self.state_key)
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         adapter = HookAdapter.find(trainer)
         if adapter is not None:
             adapter.restart_data_timer(self)
+
+
+_PLAIN_LEAVES = (str, int, float, bool, bytes, type(None), torch.Tensor, torch.nn.Parameter)
+
+
+def check_weights_only_loadable(state: Any, owner: str, path: str = "") -> None:
+    """Raise when ``torch.load(weights_only=True)`` could not read ``state`` back.
+
+    Args:
+        state: a hook's ``state_dict()``.
+        owner: its ``state_key``, for the message.
+        path: where ``state`` sits in the hook's state (``['scores'][1]``), for the message.
+
+    Raises:
+        TypeError: naming the first value of another type and where it sits.
+    """
+    kind = type(state)
+    if kind in (dict, OrderedDict):
+        for key, value in state.items():
+            check_weights_only_loadable(key, owner, f"{path} (a key)")
+            check_weights_only_loadable(value, owner, f"{path}[{key!r}]")
+        return
+    if kind in (list, tuple):
+        for i, value in enumerate(state):
+            check_weights_only_loadable(value, owner, f"{path}[{i}]")
+        return
+    if kind in _PLAIN_LEAVES:
+        return
+    buffer = io.BytesIO()
+    try:  # another type torch's weights_only unpickler may allow (torch.Size, dtype, set...)
+        torch.save(state, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, TypeError, AttributeError) as err:
+        raise TypeError(
+            f"the state_dict() of hook {owner} holds a {kind.__module__}.{kind.__qualname__} at "
+            f"state{path or ''}: torch.load(weights_only=True) cannot read it, so the checkpoint could not be "
+            "resumed. Keep hook state to numbers, strings, lists, tuples, dicts and tensors (e.g. float(x) for a "
+            "NumPy scalar, list(d) for a deque)"
+        ) from err
