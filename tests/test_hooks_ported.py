@@ -209,3 +209,19 @@ def test_periodic_writer_json_drops_the_replayed_steps_of_a_resumed_run(tmp_path
     records = [json.loads(line) for line in json_file.read_text().splitlines()]
     assert [r["iteration"] for r in records] == list(range(9))
     assert [r["epoch"] for r in records] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+class PutsIter(HookBase):
+    """Puts ``user_iter`` = the step's iteration in ``after_step``."""
+
+    def after_step(self) -> None:
+        self.trainer.storage.put_scalar("user_iter", self.trainer.iter, smoothing_hint=False)
+
+
+def test_periodic_writer_lines_hold_the_scalars_of_hooks_listed_after_it(tmp_path: Path, caplog) -> None:
+    # `+hooks.my_hook._target_=...` lists a hook after periodic_writer: the writer's line of step i
+    # holds what that hook put at step i (fast-reid runs its writers after the other hooks)
+    json_file = tmp_path / "metrics.jsonl"
+    make_trainer(tmp_path, [PeriodicWriter(period=2, json_file=json_file), PutsIter()]).fit(TinyModule(batches=3))
+    records = [json.loads(line) for line in json_file.read_text().splitlines()]
+    assert [(r["iteration"], r.get("user_iter")) for r in records] == [(1, 1.0), (3, 3.0), (5, 5.0)]

@@ -76,8 +76,10 @@ def test_the_hooks_leave_step_losses_on_the_device_until_the_writer_reads_them(t
     writer = PeriodicWriter(period=4)
     module = TinyModule(batches=6)
     make_trainer(tmp_path, [writer, probe], max_epochs=1).fit(module)
-    # the writer (first) reads at iterations 3 (period) and 5 (last); the losses between stay tensors
-    assert probe.pending == [1, 2, 3, 0, 1, 0]
+    # the writer reads at iterations 3 (period) and 5 (last), once every hook is done with the step
+    # (after the probe's after_step); the losses between stay tensors
+    assert probe.pending == [1, 2, 3, 4, 1, 2]
+    assert writer.trainer.storage._history["total_loss"].pending() == []
     values = [value for value, _ in writer.trainer.storage.history("total_loss").values()]
     assert values == pytest.approx(module.batch_losses)
 

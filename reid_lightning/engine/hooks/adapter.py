@@ -16,7 +16,8 @@ weak-keyed table, so nothing is added to the Trainer) and:
   device), ``lr`` (first parameter group of the first optimizer, as used by the step),
   ``data_time`` (time outside Lightning's batch hooks: loader and transfer) and ``time`` (time
   inside them), each averaged/summed over the step's micro-batches;
-* after the last hook's ``after_step`` (and after the last ``after_epoch``/``after_train``), sends
+* after the last hook's ``after_step`` runs what hooks deferred with :meth:`HookAdapter.after_all_hooks`
+  (``PeriodicWriter``'s write), then (and after the last ``after_epoch``/``after_train``) sends
   the scalars put at that iteration to the Lightning loggers with ``logger.log_metrics`` on global
   rank 0 (no collective call, so no DDP deadlock) every ``log_every_n_steps`` steps. The values
   taken from the step outputs are not sent: the LightningModule logs its own losses and metrics
@@ -33,7 +34,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
@@ -93,6 +94,7 @@ class HookAdapter:
         self._batch_start = 0.0
         self._last_end = time.perf_counter()
         self._handled: dict[str, int] = {}
+        self._after_hooks: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ lookup
     @classmethod
@@ -239,10 +241,22 @@ class HookAdapter:
             if name not in self._provided:
                 storage.put_scalar(name, value, smoothing_hint=name != "lr")
 
+    def after_all_hooks(self, function: Callable[[], None]) -> None:
+        """Call ``function`` once every hook has run ``after_step`` for the current step (before the
+        scalars go to the loggers); a writer uses it to see what the hooks listed after it put.
+        Called outside a step's ``after_step``, ``function`` runs now."""
+        if self._closing:
+            self._after_hooks.append(function)
+        else:
+            function()
+
     def _finish_batch(self) -> None:
         if self._closing:
             self._closing = False
             self._in_step = False
+            functions, self._after_hooks = self._after_hooks, []
+            for function in functions:
+                function()
             step_iter = self.iter
             self.iter = self.pl_trainer.global_step
             self._data_time = self._step_time = 0.0
