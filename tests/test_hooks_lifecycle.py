@@ -173,6 +173,23 @@ def test_hook_scalars_reach_the_lightning_logger(tmp_path: Path) -> None:
     assert any(r.get("data_time") for r in rows) and "total_loss" not in rows[0]
 
 
+def test_log_every_n_steps_0_sends_no_step_scalars_to_the_loggers(tmp_path: Path) -> None:
+    # Lightning's log_every_n_steps=0 turns step logging off; the adapter sent every step instead
+    class Put(HookBase):
+        def after_step(self) -> None:
+            self.trainer.storage.put_scalar("hook_metric", 10 * self.trainer.iter)
+
+        def after_epoch(self) -> None:
+            self.trainer.storage.put_scalar("epoch_metric", self.trainer.epoch, smoothing_hint=False)
+
+    logger = CSVLogger(tmp_path, name="csv")
+    make_trainer(tmp_path, [Put()], logger=logger, log_every_n_steps=0).fit(TinyModule(batches=3))
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert not [r for r in rows if r.get("hook_metric") or r.get("lr") or r.get("data_time")]
+    assert {int(r["step"]): float(r["epoch_metric"]) for r in rows if r.get("epoch_metric")} == {2: 0.0, 5: 1.0}
+
+
 class Counter(HookBase):
     """Counts steps; its state (an int and a tensor) goes into checkpoints."""
 

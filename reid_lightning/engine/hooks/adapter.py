@@ -19,7 +19,9 @@ weak-keyed table, so nothing is added to the Trainer) and:
 * after the last hook's ``after_step`` runs what hooks deferred with :meth:`HookAdapter.after_all_hooks`
   (``PeriodicWriter``'s write), then (and after the last ``after_epoch``/``after_train``) sends
   the scalars put at that iteration to the Lightning loggers with ``logger.log_metrics`` on global
-  rank 0 (no collective call, so no DDP deadlock) every ``log_every_n_steps`` steps. The values
+  rank 0 (no collective call, so no DDP deadlock) every ``log_every_n_steps`` steps (never with
+  ``log_every_n_steps=0``, Lightning's setting for no step logging: those put in ``after_epoch``
+  still go at the epoch's end). The values
   taken from the step outputs are not sent: the LightningModule logs its own losses and metrics
   with ``self.log``. Each rank's storage holds that rank's values; rank 0's reach the loggers.
 
@@ -260,8 +262,8 @@ class HookAdapter:
             step_iter = self.iter
             self.iter = self.pl_trainer.global_step
             self._data_time = self._step_time = 0.0
-            every = max(1, self.pl_trainer.log_every_n_steps)
-            self._flush(step_iter, due=(step_iter + 1) % every == 0)
+            every = self.pl_trainer.log_every_n_steps  # 0: Lightning logs no step metrics
+            self._flush(step_iter, due=every > 0 and (step_iter + 1) % every == 0)
         self._last_end = time.perf_counter()
 
     def _collect(self, outputs: Any) -> None:
