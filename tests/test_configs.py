@@ -100,3 +100,14 @@ def test_gradient_clipping_is_set_from_the_trainer_config(tmp_path):
     assert (trainer.gradient_clip_val, trainer.gradient_clip_algorithm) == (5, "value")
     unclipped = build_trainer(compose_train([], output_dir=tmp_path), [], loggers=[])
     assert unclipped.gradient_clip_val is None
+
+
+@pytest.mark.parametrize("override", ["solver.eval_period=0", "solver.eval_period=-1"])
+def test_an_eval_period_below_1_is_refused_naming_the_setting(tmp_path: Path, override: str) -> None:
+    # fast-reid's TEST.EVAL_PERIOD=0 habit: Lightning took it and failed at the fit's start with
+    # "ZeroDivisionError: integer modulo by zero"
+    from reid_lightning.cli.train import build_trainer
+
+    cfg = compose_train([override], output_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"solver\.eval_period.*>= 1.*solver\.max_epochs"):
+        build_trainer(cfg, [], loggers=[])

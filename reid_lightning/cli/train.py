@@ -90,12 +90,20 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> 
 
     Raises:
         RuntimeError: for a GPU accelerator on a machine where torch finds no CUDA GPU.
+        ValueError: for ``solver.eval_period`` (``check_val_every_n_epoch``) below 1.
     """
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_cfg.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
         raise RuntimeError(
             f"trainer.accelerator={trainer_cfg['accelerator']} (trainer=gpu, trainer=ddp) but torch finds no CUDA GPU "
             "on this machine: train on the CPU with trainer=cpu or trainer=ddp_cpu, or keep trainer.accelerator=auto"
+        )
+    every = trainer_cfg.get("check_val_every_n_epoch")
+    if isinstance(every, int) and every < 1:
+        raise ValueError(
+            f"solver.eval_period (trainer.check_val_every_n_epoch) must be >= 1 epochs between validations, got "
+            f"{every}; to validate after the last epoch only (fast-reid's TEST.EVAL_PERIOD: 0), set it to "
+            "solver.max_epochs"
         )
     trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision", "auto"), trainer_cfg.get("accelerator", "auto"))
     checkpoint_io = AsyncAtomicCheckpointIO() if cfg.get("async_checkpoints", False) else AtomicCheckpointIO()
