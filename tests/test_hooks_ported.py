@@ -225,3 +225,17 @@ def test_periodic_writer_lines_hold_the_scalars_of_hooks_listed_after_it(tmp_pat
     make_trainer(tmp_path, [PeriodicWriter(period=2, json_file=json_file), PutsIter()]).fit(TinyModule(batches=3))
     records = [json.loads(line) for line in json_file.read_text().splitlines()]
     assert [(r["iteration"], r.get("user_iter")) for r in records] == [(1, 1.0), (3, 3.0), (5, 5.0)]
+
+
+@pytest.mark.parametrize(("period", "iterations"), [(1, [0, 1, 2, 3, 4]), (2, [1, 3, 4])])
+def test_periodic_writer_last_line_after_a_failed_step_is_the_last_finished_step(
+    tmp_path: Path, period: int, iterations: list[int]
+) -> None:
+    # step 5 raises in training_step: the last line is step 4's, not an empty or mislabelled step 5
+    json_file = tmp_path / "metrics.jsonl"
+    trainer = make_trainer(tmp_path, [PeriodicWriter(period=period, json_file=json_file)])
+    with pytest.raises(RuntimeError, match="on purpose"):
+        trainer.fit(TinyModule(batches=3, fail_at=5))
+    records = [json.loads(line) for line in json_file.read_text().splitlines()]
+    assert [r["iteration"] for r in records] == iterations
+    assert all("total_loss" in r for r in records)

@@ -74,15 +74,17 @@ class PeriodicWriter(HookBase):
             self._hook_adapter.after_all_hooks(self.write)
 
     def after_train(self) -> None:
-        # training that stopped early (exception, early stopping) still gets its last line
-        storage = self.trainer.storage
-        if storage.latest() and storage.iter > self._last_written:
-            self.write()
+        # training that stopped early (exception, early stopping) still gets its last line, at
+        # the last step that put scalars (not at a step that raised before putting any)
+        latest = max(self.trainer.storage.latest_iterations().values(), default=None)
+        if latest is not None and latest > self._last_written:
+            self.write(latest)
 
-    def write(self) -> None:
-        """Write the console line and the JSON line for the current iteration (rank 0 only)."""
+    def write(self, iteration: int | None = None) -> None:
+        """Write the console line and the JSON line for ``iteration`` (default: the storage's
+        current one) on rank 0."""
         storage = self.trainer.storage
-        iteration = storage.iter
+        iteration = storage.iter if iteration is None else iteration
         if comm.is_main_process():
             logger.info(self.format_line(storage, iteration))
             if self._json_path is not None:
