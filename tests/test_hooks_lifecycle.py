@@ -282,3 +282,13 @@ def test_hook_state_of_plain_types_and_tensors_saves(tmp_path: Path) -> None:
     make_trainer(tmp_path, [Plain(), checkpoint], enable_checkpointing=True, max_epochs=1).fit(TinyModule(batches=2))
     (saved,) = [v for k, v in torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"].items() if "Plain" in k]
     assert saved["a"] == (1, 2.0, "x", None, True) and saved[3]["c"].shape == (1,)
+
+
+def test_self_trainer_before_a_fit_says_when_it_exists(tmp_path: Path) -> None:
+    class ReadsTrainer(HookBase):
+        pass
+
+    hook = ReadsTrainer()
+    with pytest.raises(AttributeError, match=r"ReadsTrainer\.trainer is set when .*fit"):
+        hook.trainer  # noqa: B018
+    assert not hasattr(hook, "no_such_attribute")

@@ -100,6 +100,16 @@ class HookBase(Callback):
             return f"{name}@{id(self):x}"
         return f"{name}#{self._state_index}"
 
+    def __getattr__(self, name: str) -> Any:
+        # only reached for attributes not set: self.trainer before the hook's first fit
+        if name == "trainer":
+            raise AttributeError(
+                f"{type(self).__qualname__}.trainer is set when a pl.Trainer with this hook in its callbacks "
+                "starts a fit (setup('fit')): it does not exist in __init__, nor in a validate/test/predict run "
+                "of a trainer that has not fitted"
+            )
+        raise AttributeError(f"{type(self).__qualname__!r} object has no attribute {name!r}")
+
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles the callbacks: drop the weak proxy and the adapter; setup sets them again
         state = self.__dict__.copy()
