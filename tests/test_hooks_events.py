@@ -88,3 +88,13 @@ def test_get_event_storage_returns_the_innermost_active_storage() -> None:
         assert get_event_storage() is outer
     with pytest.raises(RuntimeError):
         get_event_storage()
+
+
+@pytest.mark.parametrize("value", [torch.tensor([0.5, 0.6]), "high", None])
+def test_put_scalar_of_a_non_scalar_names_it_and_records_nothing(value) -> None:
+    storage = EventStorage()
+    with pytest.raises((TypeError, ValueError), match="'acc'"):
+        storage.put_scalar("acc", value)
+    assert storage.histories() == {} and storage.latest() == {} and storage.smoothing_hints() == {}
+    storage.put_scalar("acc", 0.5, smoothing_hint=False)  # the name is still free, with any hint
+    assert storage.latest() == {"acc": (0.5, 0)}

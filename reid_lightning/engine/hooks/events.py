@@ -189,10 +189,19 @@ class EventStorage:
                 must stay the same for a name.
         """
         name = self._prefix + name
-        value = value.detach() if torch.is_tensor(value) else float(value)
-        hint = self._smoothing_hints.setdefault(name, smoothing_hint)
+        if torch.is_tensor(value):
+            if value.numel() != 1:
+                raise ValueError(f"put_scalar({name!r}) takes a number or a one-element tensor, got shape {tuple(value.shape)}")
+            value = value.detach()
+        else:
+            try:
+                value = float(value)
+            except (TypeError, ValueError) as err:
+                raise TypeError(f"put_scalar({name!r}) takes a number or a one-element tensor, got {value!r}") from err
+        hint = self._smoothing_hints.get(name, smoothing_hint)
         if hint != smoothing_hint:
             raise ValueError(f"Scalar {name!r} was put with smoothing_hint={hint} before, now {smoothing_hint}")
+        self._smoothing_hints[name] = hint
         self._history[name].update(value, self._iter)
         self._latest_scalars[name] = (value, self._iter)
 
