@@ -239,3 +239,24 @@ def test_periodic_writer_last_line_after_a_failed_step_is_the_last_finished_step
     records = [json.loads(line) for line in json_file.read_text().splitlines()]
     assert [r["iteration"] for r in records] == iterations
     assert all("total_loss" in r for r in records)
+
+
+class PutsEpochScalar(HookBase):
+    """Puts ``epoch_acc`` in ``after_epoch`` (it lands at the epoch's last step)."""
+
+    def after_epoch(self) -> None:
+        self.trainer.storage.put_scalar("epoch_acc", 0.5 + self.trainer.epoch, smoothing_hint=False)
+
+
+@pytest.mark.parametrize(("period", "expected"), [(3, [(2, 0.5), (5, 1.5)]), (2, [(1, None), (3, 0.5), (5, 1.5)])])
+def test_periodic_writer_line_of_an_epochs_last_step_holds_what_hooks_put_in_after_epoch(
+    tmp_path: Path, period: int, expected: list
+) -> None:
+    # a hook's epoch-level scalar (put in after_epoch, at the epoch's last step) reaches metrics.jsonl
+    # in the line of that step; it was dropped when that step's line had been written already
+    json_file = tmp_path / "metrics.jsonl"
+    make_trainer(tmp_path, [PeriodicWriter(period=period, json_file=json_file), PutsEpochScalar()]).fit(
+        TinyModule(batches=3)
+    )
+    records = [json.loads(line) for line in json_file.read_text().splitlines()]
+    assert [(r["iteration"], r.get("epoch_acc")) for r in records] == expected

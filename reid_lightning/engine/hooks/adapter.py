@@ -16,8 +16,10 @@ weak-keyed table, so nothing is added to the Trainer) and:
   device), ``lr`` (first parameter group of the first optimizer, as used by the step),
   ``data_time`` (time outside Lightning's batch hooks: loader and transfer) and ``time`` (time
   inside them), each averaged/summed over the step's micro-batches;
-* after the last hook's ``after_step`` runs what hooks deferred with :meth:`HookAdapter.after_all_hooks`
-  (``PeriodicWriter``'s write), then (and after the last ``after_epoch``/``after_train``) sends
+* runs what hooks deferred with :meth:`HookAdapter.after_all_hooks` (``PeriodicWriter``'s write)
+  once every hook is done with the step (at the next step's start, or after the last
+  ``after_epoch``);
+* after the last hook's ``after_step`` (and after the last ``after_epoch``/``after_train``) sends
   the scalars put at that iteration to the Lightning loggers with ``logger.log_metrics`` on global
   rank 0 (no collective call, so no DDP deadlock) every ``log_every_n_steps`` steps (never with
   ``log_every_n_steps=0``, Lightning's setting for no step logging: those put in ``after_epoch``
@@ -139,6 +141,7 @@ class HookAdapter:
         """``on_train_end``/``on_exception`` of ``hook``: ``hook.after_train()`` once per fit."""
         if not self.started or self.closed or id(hook) in self._ended:
             return
+        self._after_hooks.clear()
         self._ended.add(id(hook))
         try:
             hook.after_train()
@@ -184,9 +187,11 @@ class HookAdapter:
         hook.before_epoch()
 
     def epoch_end(self, hook: HookBase) -> None:
-        """``on_train_epoch_end``: ``hook.after_epoch()``; the last hook sends new scalars."""
+        """``on_train_epoch_end``: ``hook.after_epoch()``; after the last hook's, what hooks
+        deferred with :meth:`after_all_hooks` runs and new scalars are sent."""
         hook.after_epoch()
         if hook is self.last and self.storage is not None:
+            self._run_after_hooks()
             self._flush(self.storage.iter, due=True)
 
     def restart_data_timer(self, hook: HookBase) -> None:
@@ -214,6 +219,7 @@ class HookAdapter:
             self._finish_batch()
 
     def _begin_batch(self) -> None:
+        self._run_after_hooks()  # the previous step is over
         now = time.perf_counter()
         self._data_time += now - self._last_end
         self._batch_start = now
@@ -244,21 +250,25 @@ class HookAdapter:
                 storage.put_scalar(name, value, smoothing_hint=name != "lr")
 
     def after_all_hooks(self, function: Callable[[], None]) -> None:
-        """Call ``function`` once every hook has run ``after_step`` for the current step (before the
-        scalars go to the loggers); a writer uses it to see what the hooks listed after it put.
-        Called outside a step's ``after_step``, ``function`` runs now."""
+        """Call ``function`` once every hook is done with the current step: when the next step
+        starts or, at an epoch's last step, after the last hook's ``after_epoch`` (values put there
+        land at that step). A writer uses it to see what every hook put at the step, also those
+        listed after it. Called outside a step's ``after_step``, ``function`` runs now; deferred
+        calls still pending when training ends (a hook raised) are dropped."""
         if self._closing:
             self._after_hooks.append(function)
         else:
+            function()
+
+    def _run_after_hooks(self) -> None:
+        functions, self._after_hooks = self._after_hooks, []
+        for function in functions:
             function()
 
     def _finish_batch(self) -> None:
         if self._closing:
             self._closing = False
             self._in_step = False
-            functions, self._after_hooks = self._after_hooks, []
-            for function in functions:
-                function()
             step_iter = self.iter
             self.iter = self.pl_trainer.global_step
             self._data_time = self._step_time = 0.0

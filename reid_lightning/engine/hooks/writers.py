@@ -28,9 +28,10 @@ class PeriodicWriter(HookBase):
     It shows every scalar whose name contains ``loss``; ``max_mem`` (peak CUDA memory of the
     module's device) appears when training on CUDA. Each JSON line holds ``iteration``, ``epoch``
     and the latest scalars (median-smoothed when put with ``smoothing_hint=True``) put since the
-    previous line. Only global rank 0 writes. The line of a step is written once every hook has
-    run ``after_step`` (as fast-reid registers its writers last), so it holds the scalars of the
-    hooks listed after this one too.
+    previous line. Only global rank 0 writes. The line of a step is written once every hook is
+    done with it (when the next step starts, or after ``after_epoch`` at an epoch's last step),
+    so it holds the scalars of the hooks listed after this one (fast-reid registers its writers
+    last) and those put in ``after_epoch``.
 
     Args:
         period: steps between two writes.
@@ -70,8 +71,9 @@ class PeriodicWriter(HookBase):
         iteration = self.trainer.iter
         max_iter = self.trainer.max_iter
         if (iteration + 1) % self.period == 0 or (max_iter is not None and iteration == max_iter - 1):
-            # after the hooks listed after this one have put their scalars of this step
-            self._hook_adapter.after_all_hooks(self.write)
+            # once every hook is done with this step: the hooks listed after this one, and
+            # after_epoch at an epoch's last step, have put their scalars
+            self._hook_adapter.after_all_hooks(lambda: self.write(iteration))
 
     def after_train(self) -> None:
         # training that stopped early (exception, early stopping) still gets its last line, at
