@@ -111,3 +111,23 @@ def test_an_eval_period_below_1_is_refused_naming_the_setting(tmp_path: Path, ov
     cfg = compose_train([override], output_dir=tmp_path)
     with pytest.raises(ValueError, match=r"solver\.eval_period.*>= 1.*solver\.max_epochs"):
         build_trainer(cfg, [], loggers=[])
+
+
+@pytest.mark.parametrize(
+    ("override", "group", "expected"),
+    [
+        ("+callbacks.early_stop.monitor=val/mAP", "callbacks", r"callbacks\.early_stop: expected a mapping with '_target_'"),
+        ("+callbacks.early_stop._taget_=pytorch_lightning.callbacks.EarlyStopping", "callbacks", r"callbacks\.early_stop"),
+        ("+logger.extra=5", "logger", r"logger\.extra: expected a mapping with '_target_'.*got 5"),
+    ],
+)
+def test_a_callback_or_logger_entry_without_target_is_refused_naming_it(
+    tmp_path: Path, override: str, group: str, expected: str
+) -> None:
+    # it was dropped without a word (a misspelt _target_: no early stopping), or failed with
+    # "argument of type 'int' is not iterable"
+    from reid_lightning.cli.train import instantiate_group
+
+    cfg = compose_train([override], output_dir=tmp_path)
+    with pytest.raises(TypeError, match=expected):
+        instantiate_group(cfg[group], group)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +56,28 @@ def resolve_precision(precision: Any, accelerator: str) -> Any:
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
-def instantiate_group(group: DictConfig | None) -> list[Any]:
-    """Instantiate every ``_target_`` entry of a name -> config mapping (None entries skipped)."""
+def instantiate_group(group: DictConfig | None, name: str = "callbacks") -> list[Any]:
+    """Instantiate every entry of a name -> ``{_target_: ...}`` mapping (None entries skipped).
+
+    Args:
+        group: the mapping (``cfg.callbacks``, ``cfg.logger``), or None.
+        name: its config key, for the error message.
+
+    Raises:
+        TypeError: an entry that is neither null nor a mapping with ``_target_`` (a misspelt
+            ``_target_``, or ``+callbacks.x.key=value`` without one), naming it.
+    """
     if not group:
         return []
-    return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+    objects = []
+    for key, node in group.items():
+        if node is None:
+            continue
+        if not isinstance(node, (Mapping, DictConfig)) or "_target_" not in node:
+            shown = OmegaConf.to_container(node) if isinstance(node, DictConfig) else node
+            raise TypeError(f"{name}.{key}: expected a mapping with '_target_' (or null to drop it), got {shown!r}")
+        objects.append(instantiate(node))
+    return objects
 
 
 def build_datamodule(data_cfg: DictConfig, stage: str = "fit") -> pl.LightningDataModule:
@@ -241,8 +259,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         init = load_model_checkpoint(cfg.init_from, option="init_from")  # ours or fast-reid's
         load_model_weights(module, init["state_dict"], source=str(cfg.init_from), strict=cfg.get("init_strict", True))
 
-    callbacks = instantiate_group(cfg.get("callbacks")) + build_hooks(cfg.get("hooks")) + [RNGStates()]
-    loggers = instantiate_group(resume.logger_config(cfg.get("logger")))
+    callbacks = instantiate_group(cfg.get("callbacks"), "callbacks") + build_hooks(cfg.get("hooks")) + [RNGStates()]
+    loggers = instantiate_group(resume.logger_config(cfg.get("logger")), "logger")
     resume.keep_logged_history(loggers)
     trainer = build_trainer(cfg, callbacks, loggers)
     log_hyperparameters(trainer.loggers, cfg)
