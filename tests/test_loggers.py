@@ -179,3 +179,15 @@ def test_a_resumed_mlflow_logger_continues_its_run_and_keeps_its_params(tmp_path
     run = resumed.experiment.get_run(first.run_id)
     assert run.data.params["resume"] == "False" and run.data.params["seed"] == "3"
     assert [m.value for m in resumed.experiment.get_metric_history(first.run_id, "val/mAP")] == [10.0, 20.0]
+
+
+def test_logger_none_trains_without_loggers_and_without_the_lr_monitor(demo_root: Path, tmp_path: Path) -> None:
+    from reid_lightning.cli.train import train
+
+    overrides = [*TINY, "logger=none", "callbacks=default", "~callbacks.progress_bar", f"paths.data_dir={demo_root}"]
+    cfg = compose_train(overrides, output_dir=tmp_path)
+    assert "lr_monitor" in cfg.callbacks and not cfg.logger
+    metrics = train(cfg)
+    assert 0 <= metrics["mAP"] <= 100
+    assert json.loads((tmp_path / "metrics.json").read_text())["mAP"] == metrics["mAP"]
+    assert not (tmp_path / "csv").exists() and not (tmp_path / "tensorboard").exists()

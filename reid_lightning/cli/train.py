@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from reid_lightning.checkpointing.async_io import AsyncAtomicCheckpointIO
 from reid_lightning.checkpointing.atomic_io import AtomicCheckpointIO
@@ -261,6 +261,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks") + build_hooks(cfg.get("hooks")) + [RNGStates()]
     loggers = instantiate_group(resume.logger_config(cfg.get("logger")), "logger")
+    if not loggers:  # logger=none: Lightning's LearningRateMonitor refuses a trainer without loggers
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     resume.keep_logged_history(loggers)
     trainer = build_trainer(cfg, callbacks, loggers)
     log_hyperparameters(trainer.loggers, cfg)
