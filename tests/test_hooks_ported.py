@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,36 @@ def test_iteration_timer_puts_time_after_warmup_and_logs_a_summary(tmp_path: Pat
     assert all(seconds > 0 for seconds, _ in history) and timer.timed_steps == 4
     assert timer.timed_seconds == pytest.approx(sum(s for s, _ in history))
     assert "Overall training speed: 4 iterations" in caplog.text
+
+
+class SlowLoading(TinyModule):
+    """TinyModule whose loader takes ``LOAD_SECONDS`` per batch."""
+
+    def train_dataloader(self):
+        class Slow(RandomDicts):
+            def __getitem__(self, i: int):
+                time.sleep(LOAD_SECONDS / 4)
+                return super().__getitem__(i)
+
+        return torch.utils.data.DataLoader(Slow(self.batches * 4), batch_size=4)
+
+
+LOAD_SECONDS = 0.08
+
+
+def test_step_time_includes_the_loading_as_fast_reids_does(tmp_path: Path) -> None:
+    # fast-reid's IterationTimer and its "time" scalar cover next(data_loader): Lightning fetches
+    # the batch before the step hooks, so the step's data_time is part of its time
+    timer, plain = IterationTimer(warmup_iter=0), HookBase()
+    make_trainer(tmp_path, [timer]).fit(SlowLoading(batches=2))
+    make_trainer(tmp_path, [plain]).fit(SlowLoading(batches=2))
+    for hook in (timer, plain):
+        storage = hook.trainer.storage
+        times, data_times = storage.history("time").values(), storage.history("data_time").values()
+        assert len(times) == len(data_times) == 4
+        for (seconds, _), (data_seconds, _) in zip(times, data_times):
+            assert data_seconds >= 0.9 * LOAD_SECONDS and seconds > data_seconds
+    assert timer.timed_seconds > 4 * 0.9 * LOAD_SECONDS
 
 
 LINE = re.compile(

@@ -14,8 +14,9 @@ weak-keyed table, so nothing is added to the Trainer) and:
   ``outputs["loss_dict"]`` and ``outputs["metrics"]`` entry (e.g. ``cls_accuracy``; tensors left
   on their device: the storage reads them when a writer asks, so a step does not wait for the
   device), ``lr`` (first parameter group of the first optimizer, as used by the step),
-  ``data_time`` (time outside Lightning's batch hooks: loader and transfer) and ``time`` (time
-  inside them), each averaged/summed over the step's micro-batches;
+  ``data_time`` (time outside Lightning's batch hooks: loader and transfer) and ``time`` (the
+  whole step, ``data_time`` included, as fast-reid's ``time`` includes its ``next(data_loader)``),
+  each summed over the step's micro-batches;
 * runs what hooks deferred with :meth:`HookAdapter.after_all_hooks` (``PeriodicWriter``'s write)
   once every hook is done with the step (at the next step's start, or after the last
   ``after_epoch``);
@@ -243,11 +244,17 @@ class HookAdapter:
         if self._lr is not None:
             scalars["lr"] = self._lr
         scalars["data_time"] = self._data_time
-        scalars["time"] = self._step_time
+        scalars["time"] = self._data_time + self._step_time
         storage = self.storage
         for name, value in scalars.items():
             if name not in self._provided:
                 storage.put_scalar(name, value, smoothing_hint=name != "lr")
+
+    @property
+    def step_data_time(self) -> float:
+        """Seconds the open step spent outside Lightning's batch hooks (loader, transfer), summed
+        over its micro-batches; read in ``after_step`` (``IterationTimer`` adds it to its time)."""
+        return self._data_time
 
     def after_all_hooks(self, function: Callable[[], None]) -> None:
         """Call ``function`` once every hook is done with the current step: when the next step

@@ -13,7 +13,10 @@ logger = logging.getLogger(__name__)
 
 
 class IterationTimer(HookBase):
-    """Time each step from this hook's ``before_step`` to its ``after_step`` (fast-reid's hook).
+    """Time each step from this hook's ``before_step`` to its ``after_step``, plus the step's
+    loading time (fast-reid's hook, whose ``before_step`` comes before ``next(data_loader)``;
+    Lightning fetches the batch before ``on_train_batch_start``, so the adapter's ``data_time``
+    of the step is added).
 
     Puts ``time`` (seconds) into the storage after the first ``warmup_iter`` steps of the fit
     (the adapter then leaves ``time`` to this hook), and logs on rank 0 at ``after_train``::
@@ -47,7 +50,7 @@ class IterationTimer(HookBase):
         self._step_start = time.perf_counter()
 
     def after_step(self) -> None:
-        seconds = time.perf_counter() - self._step_start
+        seconds = time.perf_counter() - self._step_start + self._hook_adapter.step_data_time
         steps_done = self.trainer.iter - self.trainer.start_iter + 1
         if steps_done > self.warmup_iter:
             self.trainer.storage.put_scalar("time", seconds)

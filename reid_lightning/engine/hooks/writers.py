@@ -102,7 +102,7 @@ class PeriodicWriter(HookBase):
             return histories[name].median(window) if name in histories else None
 
         step_time, data_time = median("time"), median("data_time")
-        parts = [f"eta: {self._eta(iteration, step_time, data_time)}", f"epoch/iter: {self.trainer.epoch}/{iteration}"]
+        parts = [f"eta: {self._eta(iteration, step_time)}", f"epoch/iter: {self.trainer.epoch}/{iteration}"]
         parts += [f"{name}: {buf.median(window):.4g}" for name, buf in histories.items() if "loss" in name]
         if step_time is not None:
             parts.append(f"time: {step_time:.4f}")
@@ -115,11 +115,11 @@ class PeriodicWriter(HookBase):
             parts.append(f"max_mem: {torch.cuda.max_memory_allocated(device) / 1024**2:.0f}M")
         return "  ".join(parts)
 
-    def _eta(self, iteration: int, step_time: float | None, data_time: float | None) -> str:
+    def _eta(self, iteration: int, step_time: float | None) -> str:
         max_iter = self.trainer.max_iter
         if max_iter is None or step_time is None:
             return "N/A"
-        seconds = (step_time + (data_time or 0.0)) * max(0, max_iter - iteration - 1)
+        seconds = step_time * max(0, max_iter - iteration - 1)  # step_time includes data_time
         return str(datetime.timedelta(seconds=int(seconds)))
 
     def _write_json(self, storage: EventStorage, iteration: int) -> None:
