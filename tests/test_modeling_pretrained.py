@@ -103,6 +103,14 @@ def test_shape_mismatch_is_named(tmp_path, source18):
         build_resnet(18, pretrained=str(path))
 
 
+@pytest.mark.parametrize(("held", "built"), [(50, 18), (18, 34), (34, 50)])
+def test_weights_of_another_depth_name_the_depth_to_set(tmp_path, held, built):
+    path = tmp_path / f"resnet{held}.pth"
+    torch.save(build_resnet(held).state_dict(), path)
+    with pytest.raises(RuntimeError, match=rf"the file holds a ResNet-{held}, the model is a ResNet-{built}: set model.depth={held}"):
+        build_resnet(built, pretrained=str(path))
+
+
 def test_fp16_overflowed_running_statistics_are_clamped_with_a_warning(tmp_path, source18, caplog):
     half = {k: v.half() if v.is_floating_point() else v for k, v in source18.state_dict().items()}
     half["bn1.running_var"][5] = float("inf")

@@ -220,6 +220,23 @@ def _repair_overflowed_statistics(state: dict[str, Tensor], source: str) -> dict
     return state
 
 
+# (bottleneck blocks?, blocks of layer1..layer4) -> depth of torchvision's ResNets
+_RESNET_DEPTHS = {
+    (False, (2, 2, 2, 2)): 18, (False, (3, 4, 6, 3)): 34,
+    (True, (3, 4, 6, 3)): 50, (True, (3, 4, 23, 3)): 101, (True, (3, 8, 36, 3)): 152,
+}
+
+
+def resnet_depth(state: dict[str, Any]) -> int | None:
+    """Depth of the ResNet whose (prefix-free) state dict is ``state``, from its block counts;
+    None when they are not one of torchvision's ResNets."""
+    blocks = [
+        1 + max((int(key.split(".")[1]) for key in state if key.startswith(f"layer{i}.")), default=-1)
+        for i in range(1, 5)
+    ]
+    return _RESNET_DEPTHS.get(("layer1.0.conv3.weight" in state, tuple(blocks)))
+
+
 def load_backbone_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
     """Load ``state`` into ``model``, raising on missing, mis-shaped or non-finite tensors.
 
@@ -250,6 +267,9 @@ def load_backbone_state(model: nn.Module, state: dict[str, Tensor], source: str)
     if mismatched:
         problems.append(f"shape mismatch: {_names(mismatched)}")
     if problems:
+        held, built = resnet_depth(state), resnet_depth(expected)
+        if held is not None and held != built:
+            problems.append(f"the file holds a ResNet-{held}, the model is a ResNet-{built}: set model.depth={held}")
         raise RuntimeError(f"Cannot load backbone weights from {source}: " + "; ".join(problems))
     unexpected = [k for k in state if k not in expected]
     if unexpected:
