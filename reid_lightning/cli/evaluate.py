@@ -23,7 +23,7 @@ import numpy as np
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from reid_lightning.checkpointing.load import load_model_checkpoint
 from reid_lightning.checkpointing.saved_model import rebuild_model
@@ -74,7 +74,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             + " and ".join(f"{group}=..." for group in missing)
             + " on the command line, e.g. model=bot_r50 data=market1501"
         )
-    data_cfg = cfg.data if cfg.get("data") is not None else saved.data
+    data_cfg = data_settings(cfg, saved)
     datamodule = build_datamodule(data_cfg, stage="test")
 
     model_cfg = cfg.model if cfg.get("model") is not None else saved.model
@@ -104,6 +104,48 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 MACHINE_EVALUATION_KEYS = frozenset({"max_chunk_mb"})
 
 
+def _command_line_keys(group: str) -> tuple[bool, set[str]]:
+    """Whether ``group`` was chosen as a whole on the command line (``evaluation=default``), and
+    the top-level keys of it given there (``evaluation.flip=false`` -> ``flip``); nothing outside
+    a Hydra run."""
+    if not HydraConfig.initialized():
+        return False, set()
+    whole, given = False, set()
+    for override in OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task)):
+        head, _, key = override.key_or_group.partition(".")
+        if head == group:
+            if key:
+                given.add(key.split(".")[0])
+            else:
+                whole = True
+    return whole, given
+
+
+# data keys that the model was trained for, not the data set's: the checkpoint's run's unless given
+MODEL_DATA_KEYS = ("height", "width")
+
+
+def data_settings(cfg: DictConfig, saved: DictConfig) -> DictConfig:
+    """The ``data`` config to evaluate ``cfg.ckpt_path`` on.
+
+    ``data=...`` on the command line: that data set, at the input size of the checkpoint's run
+    (``data.height`` / ``data.width`` on the command line override it; a fast-reid checkpoint
+    takes ``conf/data``'s). Otherwise the checkpoint's run's data."""
+    if cfg.get("data") is not None:
+        data_cfg = cfg.data.copy()
+        if saved.get("data") is not None:
+            _, given = _command_line_keys("data")
+            kept = {key: saved.data[key] for key in MODEL_DATA_KEYS
+                    if key not in given and saved.data.get(key) is not None and saved.data[key] != data_cfg.get(key)}
+            if kept:
+                log.info("input size of the checkpoint's run: %s (data.<key>=... overrides it)",
+                         ", ".join(f"data.{key}={value}" for key, value in kept.items()))
+                with open_dict(data_cfg):
+                    data_cfg.update(kept)
+        return data_cfg
+    return saved.data
+
+
 def evaluation_settings(cfg: DictConfig, saved: DictConfig) -> dict[str, Any]:
     """The evaluation settings for ``cfg.ckpt_path``: the checkpoint's run's (``saved.evaluation``,
     what its test used: flip, re-ranking, metric...), with the keys given on the command line
@@ -112,15 +154,9 @@ def evaluation_settings(cfg: DictConfig, saved: DictConfig) -> dict[str, Any]:
     (:data:`MACHINE_EVALUATION_KEYS`). ``cfg.evaluation`` alone for a
     checkpoint without saved settings (fast-reid's) or outside a Hydra run (no command line)."""
     current = OmegaConf.to_container(cfg.evaluation, resolve=True)
-    if saved.get("evaluation") is None or not HydraConfig.initialized():
+    whole, given = _command_line_keys("evaluation")
+    if saved.get("evaluation") is None or not HydraConfig.initialized() or whole:
         return current
-    given = set()
-    for override in OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task)):
-        group, _, key = override.key_or_group.partition(".")
-        if group == "evaluation":
-            if not key:
-                return current
-            given.add(key.split(".")[0])
     kept = {key: value for key, value in OmegaConf.to_container(saved.evaluation, resolve=True).items()
             if key in current and key not in given and key not in MACHINE_EVALUATION_KEYS}
     changed = {key: value for key, value in kept.items() if value != current[key]}

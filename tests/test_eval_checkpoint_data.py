@@ -1,0 +1,29 @@
+"""What scripts/eval.py takes from the checkpoint's run when the command line does not say otherwise."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from test_bad_input import compose_eval
+
+from reid_lightning.cli.evaluate import evaluate
+
+BASE = ["trainer=cpu", "cmc_curve=false", "++trainer.enable_progress_bar=false"]
+
+
+def _features(run_dir: Path) -> np.ndarray:
+    with np.load(run_dir / "features.npz") as saved:
+        return saved["features"]
+
+
+def test_data_on_the_command_line_keeps_the_checkpoints_input_size(tiny_checkpoint, tiny_market_root, tmp_path):
+    # tiny_checkpoint was trained at 64x32; conf/data says 256x128
+    run = [f"ckpt_path={tiny_checkpoint}", *BASE, "export_features=true"]
+    evaluate(compose_eval(run, tmp_path / "saved"))
+    evaluate(compose_eval([*run, "data=folder", f"paths.data_dir={tiny_market_root}", "data.num_workers=0"],
+                          tmp_path / "given"))
+    np.testing.assert_allclose(_features(tmp_path / "given"), _features(tmp_path / "saved"), rtol=0, atol=1e-6)
+    # an explicit data.height / data.width still wins
+    evaluate(compose_eval([*run, "data=folder", f"paths.data_dir={tiny_market_root}", "data.num_workers=0",
+                           "data.height=128", "data.width=64"], tmp_path / "explicit"))
+    assert not np.allclose(_features(tmp_path / "explicit"), _features(tmp_path / "saved"), atol=1e-3)
