@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from test_bad_input import compose_eval
 
 from reid_lightning.cli.evaluate import evaluate
@@ -14,6 +16,17 @@ BASE = ["trainer=cpu", "cmc_curve=false", "++trainer.enable_progress_bar=false"]
 def _features(run_dir: Path) -> np.ndarray:
     with np.load(run_dir / "features.npz") as saved:
         return saved["features"]
+
+
+def _saved_with(tiny_checkpoint: Path, tmp_path: Path, name: str, **changes) -> Path:
+    """A copy of ``tiny_checkpoint`` whose saved config has ``changes`` (``"data.root": ...``)."""
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    for dotted, value in changes.items():
+        group, key = dotted.split(".")
+        ckpt["reid_config"][group][key] = value
+    path = tmp_path / name
+    torch.save(ckpt, path)
+    return path
 
 
 def test_data_on_the_command_line_keeps_the_checkpoints_input_size(tiny_checkpoint, tiny_market_root, tmp_path):
@@ -27,3 +40,16 @@ def test_data_on_the_command_line_keeps_the_checkpoints_input_size(tiny_checkpoi
     evaluate(compose_eval([*run, "data=folder", f"paths.data_dir={tiny_market_root}", "data.num_workers=0",
                            "data.height=128", "data.width=64"], tmp_path / "explicit"))
     assert not np.allclose(_features(tmp_path / "explicit"), _features(tmp_path / "saved"), atol=1e-3)
+
+
+def test_paths_data_dir_finds_the_data_of_a_checkpoint_trained_elsewhere(tiny_checkpoint, tiny_market_root, tmp_path):
+    moved = _saved_with(tiny_checkpoint, tmp_path, "moved.ckpt", **{"data.root": str(tmp_path / "gone"),
+                                                                    "paths.data_dir": str(tmp_path / "gone")})
+    expected = evaluate(compose_eval([f"ckpt_path={tiny_checkpoint}", *BASE], tmp_path / "here"))
+    # the error of the missing root says to set paths.data_dir: doing so works
+    metrics = evaluate(compose_eval([f"ckpt_path={moved}", *BASE, f"paths.data_dir={tiny_market_root}"],
+                                    tmp_path / "moved"))
+    assert metrics == expected
+    with pytest.raises(FileNotFoundError, match="paths.data_dir"):
+        evaluate(compose_eval([f"ckpt_path={moved}", *BASE, f"paths.data_dir={tmp_path / 'nowhere'}"],
+                              tmp_path / "nowhere"))

@@ -130,7 +130,9 @@ def data_settings(cfg: DictConfig, saved: DictConfig) -> DictConfig:
 
     ``data=...`` on the command line: that data set, at the input size of the checkpoint's run
     (``data.height`` / ``data.width`` on the command line override it; a fast-reid checkpoint
-    takes ``conf/data``'s). Otherwise the checkpoint's run's data."""
+    takes ``conf/data``'s). Otherwise the checkpoint's run's data; when ``paths.data_dir`` is
+    given on the command line, or the saved data root is gone (a checkpoint trained on another
+    machine), its data sets are looked for under this run's ``paths.data_dir`` instead."""
     if cfg.get("data") is not None:
         data_cfg = cfg.data.copy()
         if saved.get("data") is not None:
@@ -143,7 +145,21 @@ def data_settings(cfg: DictConfig, saved: DictConfig) -> DictConfig:
                 with open_dict(data_cfg):
                     data_cfg.update(kept)
         return data_cfg
-    return saved.data
+    data_cfg = saved.data.copy()
+    old_dir = saved.get("paths", {}).get("data_dir")
+    new_dir = cfg.paths.data_dir
+    data_dir_given = "data_dir" in _command_line_keys("paths")[1]
+    moved = old_dir is not None and not Path(str(old_dir)).exists()
+    if old_dir is None or str(old_dir) == str(new_dir) or not (data_dir_given or moved):
+        return data_cfg
+    log.info("data sets of the checkpoint's run (saved under %s) are read from paths.data_dir=%s", old_dir, new_dir)
+    if str(data_cfg.get("root")) == str(old_dir):
+        data_cfg.root = new_dir
+    for sets in ("train_sets", "test_sets"):
+        for entry in data_cfg.get(sets) or []:
+            if isinstance(entry, DictConfig) and str(entry.get("root")) == str(old_dir):
+                entry.root = new_dir
+    return data_cfg
 
 
 def evaluation_settings(cfg: DictConfig, saved: DictConfig) -> dict[str, Any]:
