@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_bad_input import compose_eval
 
+import reid_lightning.cli.evaluate as evaluate_module
 from reid_lightning.cli.evaluate import evaluate
 
 BASE = ["trainer=cpu", "cmc_curve=false", "++trainer.enable_progress_bar=false"]
@@ -53,3 +54,18 @@ def test_paths_data_dir_finds_the_data_of_a_checkpoint_trained_elsewhere(tiny_ch
     with pytest.raises(FileNotFoundError, match="paths.data_dir"):
         evaluate(compose_eval([f"ckpt_path={moved}", *BASE, f"paths.data_dir={tmp_path / 'nowhere'}"],
                               tmp_path / "nowhere"))
+
+
+def test_rank_lists_use_the_metric_of_the_evaluation(tiny_checkpoint, tmp_path, monkeypatch):
+    euclidean = _saved_with(tiny_checkpoint, tmp_path, "euclidean.ckpt", **{"evaluation.metric": "euclidean"})
+    used = []
+    real = evaluate_module.compute_distance
+
+    def spy(q_feat, g_feat, metric):
+        used.append(metric)
+        return real(q_feat, g_feat, metric)
+
+    monkeypatch.setattr(evaluate_module, "compute_distance", spy)
+    evaluate(compose_eval([f"ckpt_path={euclidean}", *BASE, "rank_lists.num_queries=2"], tmp_path / "run"))
+    assert used == ["euclidean"]  # the run's metric, as the figures
+    assert len(list((tmp_path / "run" / "rank_lists").glob("*.png"))) == 2

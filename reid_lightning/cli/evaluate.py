@@ -95,7 +95,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         for position, (name, split) in enumerate(test_splits.items()):
             out_dir = output_dir if len(test_splits) == 1 else output_dir / name
             out_dir.mkdir(parents=True, exist_ok=True)
-            save_extras(cfg, module.eval_outputs(position), [*split.query, *split.gallery], out_dir, datamodule.size)
+            save_extras(cfg, module.eval_outputs(position), [*split.query, *split.gallery], out_dir, datamodule.size,
+                        metric=evaluation["metric"])
     return metrics
 
 
@@ -182,7 +183,10 @@ def evaluation_settings(cfg: DictConfig, saved: DictConfig) -> dict[str, Any]:
     return {**current, **kept}
 
 
-def save_extras(cfg: DictConfig, outputs: dict[str, Any], samples: list[Sample], out_dir: Path, size: tuple[int, int]) -> None:
+def save_extras(
+    cfg: DictConfig, outputs: dict[str, Any], samples: list[Sample], out_dir: Path, size: tuple[int, int],
+    metric: str | None = None,
+) -> None:
     """Write the extras that ``cfg`` asks for (features.npz, cmc.png, rank_lists/) of one test set.
 
     Args:
@@ -191,6 +195,7 @@ def save_extras(cfg: DictConfig, outputs: dict[str, Any], samples: list[Sample],
         samples: the set's query then gallery samples, in evaluation index order.
         out_dir: where to write.
         size: input (height, width), the tile size of the rank lists.
+        metric: the distance the figures were ranked with (``cfg.evaluation.metric`` when None).
     """
     q_paths = [samples[i].path for i in outputs["q_index"].tolist()]
     g_paths = [samples[i].path for i in outputs["g_index"].tolist()]
@@ -204,7 +209,7 @@ def save_extras(cfg: DictConfig, outputs: dict[str, Any], samples: list[Sample],
         # the chunked ranking keeps no distance matrix: rank lists compute it here
         distmat = outputs.get("dist")
         if distmat is None:
-            distmat = compute_distance(outputs["q_feat"], outputs["g_feat"], cfg.evaluation.metric)
+            distmat = compute_distance(outputs["q_feat"], outputs["g_feat"], metric or cfg.evaluation.metric)
         save_rank_lists(
             distmat, outputs["q_pids"], outputs["g_pids"], outputs["q_camids"], outputs["g_camids"],
             q_paths, g_paths, out_dir / "rank_lists", num_queries=ranks.num_queries, order=order,
