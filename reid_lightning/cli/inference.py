@@ -131,13 +131,28 @@ def run_export(cfg: DictConfig) -> Path:
     return output
 
 
+def _unique_names(names: list[str], files: list[str], what: str) -> list[str]:
+    """``names``, with the absolute path in ``files`` for each name that more than one file has
+    (``[camA, camB]`` both holding ``p.jpg``): results are keyed and reported by them."""
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    shared = sorted(name for name, count in counts.items() if count > 1)
+    if not shared:
+        return list(names)
+    log.warning("%d %s names are the same name of different files (%s): those are reported by absolute path",
+                len(shared), what, ", ".join(shared[:5]) + (" ..." if len(shared) > 5 else ""))
+    return [str(file) if counts[name] > 1 else name for name, file in zip(names, files)]
+
+
 def run_search(cfg: DictConfig) -> Path:
     """Rank the gallery of ``cfg.index`` (written by ``scripts/extract.py``) for each image of
     ``cfg.query``; write ``results.json`` and, with ``cfg.rank_lists``, one PNG per query (its
     first ``cfg.rank_list_size`` results).
 
     ``results.json`` maps each query name to ``[[gallery path, distance], ...]``, nearest
-    first. Query features are made with the index's checkpoint (or ``cfg.ckpt_path``) and its
+    first; a name that several files share (the same file name in two input folders) is
+    replaced by the file's absolute path, for queries and gallery alike. Query features are made with the index's checkpoint (or ``cfg.ckpt_path``) and its
     flip and normalisation settings.
 
     Returns:
@@ -162,10 +177,11 @@ def run_search(cfg: DictConfig) -> Path:
     )
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = index["paths"]
+    names = _unique_names([str(name) for name in index["paths"]], [str(file) for file in index["files"]], "gallery")
+    q_names = _unique_names(query.files.names, [str(file) for file in query.files.paths], "query")
     results = {
-        q_name: [[str(names[g]), float(d)] for g, d in zip(idx.tolist(), dist.tolist())]
-        for q_name, idx, dist in zip(query.files.names, indices, distances)
+        q_name: [[names[g], float(d)] for g, d in zip(idx.tolist(), dist.tolist())]
+        for q_name, idx, dist in zip(q_names, indices, distances)
     }
     results_path = out_dir / "results.json"
     results_path.write_text(json.dumps(results, indent=1) + "\n")

@@ -1,0 +1,53 @@
+"""scripts/search.py's body (run_search) in-process: every query keeps its own results."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from reid_lightning.cli.inference import run_extract, run_search
+
+
+def _extract(ckpt: Path, source, output: Path) -> Path:
+    return run_extract(OmegaConf.create({
+        "ckpt_path": str(ckpt), "input": source, "output": str(output), "dtype": "float32", "normalize": True,
+        "flip": None, "device": "cpu", "precision": "32", "batch_size": 8, "num_workers": 0, "skip_bad": False,
+        "progress": False,
+    }))
+
+
+def _search(index: Path, query, out: Path, top_k: int = 3) -> dict:
+    run_search(OmegaConf.create({
+        "index": str(index), "query": query, "top_k": top_k, "metric": "cosine", "backend": "torch", "ckpt_path": None,
+        "device": "cpu", "batch_size": 8, "num_workers": 0, "skip_bad": False, "rank_lists": False,
+        "rank_list_size": 10, "output_dir": str(out),
+    }))
+    return json.loads((out / "results.json").read_text())
+
+
+def test_queries_and_gallery_items_of_the_same_name_in_two_folders_stay_apart(
+    tiny_checkpoint, tiny_market_root, tmp_path, caplog
+):
+    # two cameras' folders, each with a "p.jpg" of another person
+    queries = sorted((tiny_market_root / "query").glob("*.jpg"))
+    for camera, source in zip(["camA", "camB"], [queries[0], queries[-1]]):
+        (tmp_path / camera).mkdir()
+        shutil.copy(source, tmp_path / camera / "p.jpg")
+    folders = [str(tmp_path / "camA"), str(tmp_path / "camB")]
+    index = _extract(tiny_checkpoint, folders, tmp_path / "index.npz")
+
+    with caplog.at_level(logging.WARNING, logger="reid_lightning.cli.inference"):
+        results = _search(index, folders, tmp_path / "search", top_k=2)
+    a, b = str((tmp_path / "camA" / "p.jpg").resolve()), str((tmp_path / "camB" / "p.jpg").resolve())
+    assert sorted(results) == sorted([a, b])  # both queries, not one overwriting the other
+    # each query finds itself first, named apart from its namesake in the other folder
+    assert results[a][0][0] == a and results[b][0][0] == b
+    assert {results[a][1][0], results[b][1][0]} == {a, b}
+    assert "same name" in caplog.text
+
+    # unique names keep the short names
+    results = _search(index, str(tmp_path / "camA"), tmp_path / "one", top_k=1)
+    assert list(results) == ["p.jpg"]
