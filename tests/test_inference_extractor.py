@@ -138,3 +138,14 @@ def test_empty_or_missing_input_is_an_error(extractor, tmp_path):
         extractor.extract_folder(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         extractor.extract_folder(tmp_path / "nowhere")
+
+
+def test_an_image_of_another_format_is_not_read_as_a_list_file(tmp_path, query_paths):
+    from reid_lightning.inference.image_files import collect_image_files
+
+    webp = tmp_path / "person.webp"
+    Image.open(query_paths[0]).save(webp)
+    with pytest.raises(ValueError, match=r"person\.webp is neither an image file \(\.jpg.*\) nor a text file"):
+        collect_image_files(webp)
+    with pytest.raises(ValueError, match=r"person\.webp is neither"):
+        collect_image_files([str(tmp_path / "person.webp")])

@@ -9,9 +9,9 @@ Called as::
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -41,7 +41,14 @@ def _from_folder(folder: Path) -> ImageFiles:
 
 
 def _from_list_file(list_file: Path) -> ImageFiles:
-    names = [line.strip() for line in list_file.read_text().splitlines()]
+    try:
+        text = list_file.read_text()
+    except UnicodeDecodeError as err:  # a binary file: an image of another format, an archive...
+        raise ValueError(
+            f"input {list_file} is neither an image file ({', '.join(IMAGE_EXTENSIONS)}) nor a text file listing "
+            "images (one path per line): convert it to one of those formats"
+        ) from err
+    names = [line.strip() for line in text.splitlines()]
     names = [name for name in names if name and not name.startswith("#")]
     if not names:
         raise ValueError(f"image list {list_file} names no images (one path per line, relative to the list's folder)")
@@ -63,7 +70,8 @@ def collect_image_files(source: str | Path | Sequence[str | Path]) -> ImageFiles
 
     Raises:
         FileNotFoundError: ``source`` does not exist.
-        ValueError: an empty folder, an empty list file, or an empty sequence.
+        ValueError: an empty folder, an empty list file, an empty sequence, or a file that is
+            neither an image of those extensions nor text (e.g. a .webp image).
     """
     if not isinstance(source, (str, Path)):
         parts = [collect_image_files(item) for item in source]
