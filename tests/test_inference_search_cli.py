@@ -51,3 +51,12 @@ def test_queries_and_gallery_items_of_the_same_name_in_two_folders_stay_apart(
     # unique names keep the short names
     results = _search(index, str(tmp_path / "camA"), tmp_path / "one", top_k=1)
     assert list(results) == ["p.jpg"]
+
+
+def test_extract_writes_the_output_file_it_was_given(tiny_checkpoint, tiny_market_root, tmp_path):
+    # numpy's savez appends .npz to other names: the log, the return value and search's index= then miss
+    for name in ("gallery.features", "gallery"):
+        written = _extract(tiny_checkpoint, str(tiny_market_root / "query"), tmp_path / name)
+        assert written == tmp_path / name and written.is_file()
+        assert not (tmp_path / f"{name}.npz").exists()
+        assert list(_search(written, str(tiny_market_root / "query"), tmp_path / f"search_{name}", top_k=1))

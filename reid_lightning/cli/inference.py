@@ -71,15 +71,16 @@ def run_extract(cfg: DictConfig) -> Path:
     pids, camids = market_labels(result.files.names)
     output = Path(cfg.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(
-        output,
-        features=result.features.numpy().astype(FEATURE_DTYPES[cfg.dtype]),
-        paths=np.asarray(result.files.names, dtype=str),
-        files=np.asarray([str(p) for p in result.files.paths], dtype=str),
-        pids=pids, camids=camids,
-        skipped=np.asarray([name for name, _ in result.skipped], dtype=str),
-        ckpt_path=str(ckpt_path), normalized=bool(cfg.normalize), flip=extractor.flip,
-    )
+    with output.open("wb") as file:  # a file object: np.savez would append .npz to another name
+        np.savez(
+            file,
+            features=result.features.numpy().astype(FEATURE_DTYPES[cfg.dtype]),
+            paths=np.asarray(result.files.names, dtype=str),
+            files=np.asarray([str(p) for p in result.files.paths], dtype=str),
+            pids=pids, camids=camids,
+            skipped=np.asarray([name for name, _ in result.skipped], dtype=str),
+            ckpt_path=str(ckpt_path), normalized=bool(cfg.normalize), flip=extractor.flip,
+        )
     log.info("%d images, %d-d features -> %s%s", len(result.files.names), result.features.shape[1], output,
              f" ({len(result.skipped)} unreadable skipped)" if result.skipped else "")
     return output
