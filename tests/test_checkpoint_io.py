@@ -92,3 +92,13 @@ def test_the_trainer_of_the_runner_saves_atomically(tmp_path: Path) -> None:
     cfg = compose_train(["experiment=quickstart", "callbacks=none", "logger=csv"], output_dir=tmp_path)
     trainer = build_trainer(cfg, callbacks=[], loggers=[])
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_a_checkpoint_directory_is_named_with_the_files_in_it(tmp_path):
+    from reid_lightning.checkpointing.load import load_checkpoint, load_model_checkpoint
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    for load in (load_checkpoint, load_model_checkpoint):
+        with pytest.raises(IsADirectoryError, match=r"checkpoints is a directory: pass a checkpoint file in it \(last\.ckpt\)"):
+            load(tmp_path / "checkpoints")

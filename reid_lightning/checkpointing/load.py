@@ -29,6 +29,12 @@ CLASSIFIER_KEY = "model.head.classifier.weight"
 
 def _read(path: Path) -> Any:
     """``torch.load(path, weights_only=True)`` with errors that name the file and the problem."""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in (".ckpt", ".pth", ".pt"))
+        raise IsADirectoryError(
+            f"checkpoint {path} is a directory: pass a checkpoint file"
+            + (f" in it ({', '.join(inside[:5])}{' ...' if len(inside) > 5 else ''})" if inside else "")
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -55,7 +61,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a Lightning checkpoint written by ``scripts/train.py`` without running pickled code.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
+        FileNotFoundError: ``path`` does not exist (IsADirectoryError: it is a folder; the message
+            names the checkpoint files in it).
         ValueError: the file holds arbitrary pickled objects (refused, not executed), is not
             a torch checkpoint or is truncated, or it is not a reid_lightning checkpoint (no
             ``state_dict`` / ``reid_config``).
