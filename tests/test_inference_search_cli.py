@@ -6,6 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from reid_lightning.cli.inference import run_extract, run_search
@@ -60,3 +61,18 @@ def test_extract_writes_the_output_file_it_was_given(tiny_checkpoint, tiny_marke
         assert written == tmp_path / name and written.is_file()
         assert not (tmp_path / f"{name}.npz").exists()
         assert list(_search(written, str(tiny_market_root / "query"), tmp_path / f"search_{name}", top_k=1))
+
+
+def test_a_moved_checkpoint_of_the_index_names_the_index_and_ckpt_path(tiny_checkpoint, tiny_market_root, tmp_path):
+    moved = tmp_path / "moved.ckpt"
+    shutil.copy(tiny_checkpoint, moved)
+    index = _extract(moved, str(tiny_market_root / "query"), tmp_path / "index.npz")
+    moved.unlink()  # the index went to another machine, or the run folder was cleaned
+    with pytest.raises(FileNotFoundError, match=rf"checkpoint {moved} recorded in {index} does not exist: pass ckpt_path="):
+        _search(index, str(tiny_market_root / "query"), tmp_path / "search")
+    _search_with = OmegaConf.create({
+        "index": str(index), "query": str(tiny_market_root / "query"), "top_k": 1, "metric": "cosine",
+        "backend": "torch", "ckpt_path": str(tiny_checkpoint), "device": "cpu", "batch_size": 8, "num_workers": 0,
+        "skip_bad": False, "rank_lists": False, "rank_list_size": 10, "output_dir": str(tmp_path / "given"),
+    })
+    assert run_search(_search_with).is_file()

@@ -168,6 +168,11 @@ def run_search(cfg: DictConfig) -> Path:
             raise ValueError(f"{index_path} is not a features file of scripts/extract.py: it lacks {sorted(missing)}")
         index = {key: index[key] for key in index.files}
     ckpt_path = cfg.ckpt_path or str(index["ckpt_path"])
+    if not cfg.ckpt_path and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(
+            f"checkpoint {ckpt_path} recorded in {index_path} does not exist: pass ckpt_path=<the checkpoint the "
+            "index was extracted with>"
+        )
     extractor = FeatureExtractor.from_checkpoint(ckpt_path, device=cfg.device, flip=bool(index["flip"]), batch_size=cfg.batch_size)
     query = extractor.extract_folder(
         _plain(cfg.query), normalize=bool(index["normalized"]), num_workers=cfg.num_workers, skip_bad=cfg.skip_bad
