@@ -63,11 +63,17 @@ def test_flip_averages_with_the_mirrored_image(tiny_checkpoint, extractor, query
     torch.testing.assert_close(flipped([image], normalize=False)[0], raw.mean(0), rtol=0, atol=1e-5)
 
 
-def test_bf16_autocast_stays_close_and_returns_float32(tiny_checkpoint, extractor, query_paths):
-    bf16 = FeatureExtractor.from_checkpoint(tiny_checkpoint, device="cpu", precision="bf16")
-    features = bf16(query_paths[:2])
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("16", torch.float16), ("32", torch.float32)])
+def test_autocast_precision_runs_the_model_in_it_and_returns_float32(tiny_checkpoint, extractor, query_paths,
+                                                                      precision, dtype):
+    mixed = FeatureExtractor.from_checkpoint(tiny_checkpoint, device="cpu", precision=precision, flip=True)
+    seen = []
+    mixed.model.model.backbone.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    features = mixed(query_paths[:2])
+    assert seen and set(seen) == {dtype}  # the backbone really ran in that precision (both flip passes)
     assert features.dtype == torch.float32
-    assert torch.nn.functional.cosine_similarity(features, extractor(query_paths[:2])).min() > 0.98
+    flipped = FeatureExtractor.from_checkpoint(tiny_checkpoint, device="cpu", flip=True)
+    assert torch.nn.functional.cosine_similarity(features, flipped(query_paths[:2])).min() > 0.98
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from reid_lightning.inference.progress import images_progress
 
 log = logging.getLogger(__name__)
 
-ImageInput = Union[str, Path, Image.Image, np.ndarray]
+ImageInput = str | Path | Image.Image | np.ndarray
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 
@@ -51,16 +51,19 @@ class InferenceModel(nn.Module):
         flip: average with the features of the mirrored images
             (:func:`reid_lightning.evaluation.extract_features`).
         normalize: divide each feature by its L2 norm.
+        autocast: run the model under the caller's autocast (``FeatureExtractor``'s
+            ``precision``); False switches autocast off, float32 features as in evaluation.
     """
 
-    def __init__(self, model: nn.Module, flip: bool = False, normalize: bool = False) -> None:
+    def __init__(self, model: nn.Module, flip: bool = False, normalize: bool = False, autocast: bool = False) -> None:
         super().__init__()
         self.model = model
         self.flip = flip
         self.normalize = normalize
+        self.autocast = autocast
 
     def forward(self, images: Tensor) -> Tensor:
-        features = extract_features(self.model, images, flip=self.flip)
+        features = extract_features(self.model, images, flip=self.flip, autocast=self.autocast)
         return F.normalize(features, dim=1) if self.normalize else features
 
 
@@ -146,7 +149,8 @@ class FeatureExtractor:
         self.precision = str(precision)
         self.batch_size = int(batch_size)
         self.config = config or {}
-        self.model = InferenceModel(model, flip=flip).to(self.device).eval()
+        # extract_features switches autocast off unless told: precision "bf16"/"16" must reach the model
+        self.model = InferenceModel(model, flip=flip, autocast=PRECISIONS[self.precision] is not None).to(self.device).eval()
         self.transform = build_test_transforms(self.size, self.mean, self.std)
 
     @classmethod
@@ -158,7 +162,7 @@ class FeatureExtractor:
         flip: bool | None = None,
         batch_size: int = 64,
         strict: bool = True,
-    ) -> "FeatureExtractor":
+    ) -> FeatureExtractor:
         """Rebuild the model of a checkpoint written by ``scripts/train.py``, as ``scripts/eval.py`` does.
 
         The checkpoint is read with ``torch.load(weights_only=True)``; the model, the input
