@@ -96,3 +96,13 @@ def test_verification_passes_the_same_model_and_fails_one_that_differs(extractor
 def test_unknown_format_is_named(extractor, tmp_path):
     with pytest.raises(ValueError, match="format must be one of .* got 'tflite'"):
         export_model(extractor, tmp_path / "m.tflite", "tflite")
+
+
+def test_model_json_names_the_distance_of_the_checkpoints_run(tiny_checkpoint, tmp_path):
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    ckpt["reid_config"]["evaluation"]["metric"] = "euclidean"
+    torch.save(ckpt, tmp_path / "euclidean.ckpt")
+    extractor = FeatureExtractor.from_checkpoint(tmp_path / "euclidean.ckpt", device="cpu")
+    assert write_model_info(extractor, tmp_path / "model.pt", "torchscript", include_normalize=False)["distance"] == "euclidean"
+    cosine = FeatureExtractor.from_checkpoint(tiny_checkpoint, device="cpu")
+    assert write_model_info(cosine, tmp_path / "model.pt", "torchscript", include_normalize=False)["distance"] == "cosine"

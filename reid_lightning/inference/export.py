@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,7 +127,8 @@ def write_model_info(extractor: FeatureExtractor, path: str | Path, fmt: str, in
         "output": {"name": OUTPUT_NAME, "shape": ["batch", feature_dim(extractor)], "dtype": "float32",
                    "l2_normalized": include_normalize},
         "flip_test_in_graph": extractor.flip,
-        "distance": "cosine",
+        # the distance the checkpoint's run evaluated with (evaluation.metric)
+        "distance": extractor.config.get("evaluation", {}).get("metric", "cosine"),
         **extra,
     }
     Path(path).with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
