@@ -80,3 +80,14 @@ def test_cmc_curve_png(tmp_path):
         assert image.size == (600, 400)
     with pytest.raises(ValueError, match="non-empty 1-D"):
         save_cmc_curve([], tmp_path / "empty.png")
+
+
+def test_a_second_run_into_the_same_folder_leaves_no_strips_of_the_first(gallery):
+    *args, out_dir = gallery
+    first = save_rank_lists(*args, out_dir, num_queries=5, order="worst", top_k=3, size=(32, 16))
+    assert len(first) == 2
+    (out_dir / "notes.png").write_bytes(b"the user's own file")
+    second = save_rank_lists(*args, out_dir, order=[2], top_k=3, size=(32, 16))
+    # only this run's picture, not 01_query0.png of the first run beside it
+    assert sorted(p.name for p in out_dir.glob("*_query*.png")) == [p.name for p in second] == ["00_query2.png"]
+    assert (out_dir / "notes.png").exists()

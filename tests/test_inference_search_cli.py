@@ -76,3 +76,20 @@ def test_a_moved_checkpoint_of_the_index_names_the_index_and_ckpt_path(tiny_chec
         "skip_bad": False, "rank_lists": False, "rank_list_size": 10, "output_dir": str(tmp_path / "given"),
     })
     assert run_search(_search_with).is_file()
+
+
+def test_a_second_search_into_the_same_folder_leaves_no_pictures_of_the_first(tiny_checkpoint, tiny_market_root, tmp_path):
+    index = _extract(tiny_checkpoint, str(tiny_market_root / "query"), tmp_path / "index.npz")
+    queries = sorted((tiny_market_root / "query").glob("*.jpg"))
+
+    def search(query):
+        run_search(OmegaConf.create({
+            "index": str(index), "query": query, "top_k": 2, "metric": "cosine", "backend": "torch", "ckpt_path": None,
+            "device": "cpu", "batch_size": 8, "num_workers": 0, "skip_bad": False, "rank_lists": True,
+            "rank_list_size": 2, "output_dir": str(tmp_path / "out"),
+        }))
+        return sorted(p.name for p in (tmp_path / "out" / "rank_lists").glob("*.png"))
+
+    assert len(search(str(tiny_market_root / "query"))) == len(queries) > 1
+    (tmp_path / "out" / "rank_lists" / "mine.png").write_bytes(b"the user's own file")
+    assert search(str(queries[-1])) == [f"0000_{queries[-1].stem}.png", "mine.png"]

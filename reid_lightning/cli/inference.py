@@ -23,6 +23,7 @@ from reid_lightning.evaluation.visualize import (
     MATCH_COLOUR,
     WRONG_COLOUR,
     draw_rank_strip,
+    remove_old_pictures,
 )
 from reid_lightning.inference.export import (
     FORMATS,
@@ -193,6 +194,8 @@ def run_search(cfg: DictConfig) -> Path:
     results_path.write_text(json.dumps(results, indent=1) + "\n")
     if cfg.rank_lists:
         q_pids, _ = market_labels(query.files.names)
+        # pictures of an earlier search into this folder would read as results of this one
+        remove_old_pictures(out_dir / "rank_lists", r"\d{4,}_.*\.png")
         (out_dir / "rank_lists").mkdir(exist_ok=True)
         shown = indices[:, : max(1, cfg.rank_list_size)].tolist()  # results.json holds all top_k
         for i, (q_name, q_file, idx) in enumerate(zip(query.files.names, query.files.paths, shown)):

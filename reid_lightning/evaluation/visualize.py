@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,6 +49,22 @@ def _tile(path: str | Path | None, size: tuple[int, int], colour: tuple[int, int
     return tile
 
 
+def remove_old_pictures(out_dir: str | Path, pattern: str) -> int:
+    """Delete the pictures of an earlier run in ``out_dir``: files whose whole name matches the
+    regular expression ``pattern`` (the names this package writes there), so that a run into an
+    existing folder does not leave them beside its own. Returns how many were removed."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return 0
+    old = [path for path in out_dir.iterdir() if path.is_file() and re.fullmatch(pattern, path.name)]
+    for path in old:
+        path.unlink()
+    return len(old)
+
+
+RANK_LIST_NAME = r"\d{2,}_query\d+\.png"  # save_rank_lists' file names
+
+
 def save_rank_lists(
     distmat: ArrayLike,
     q_pids: ArrayLike,
@@ -76,7 +93,8 @@ def save_rank_lists(
         q_pids, g_pids, q_camids, g_camids: identities and cameras, as for ``evaluate_rank``.
         q_paths: image file of each query.
         g_paths: image file of each gallery item.
-        out_dir: folder for the PNGs (created); files are named ``NN_queryQ.png``.
+        out_dir: folder for the PNGs (created); files are named ``NN_queryQ.png``. Such files
+            of an earlier run in the folder are removed first.
         num_queries: how many queries for ``order="worst"``/``"best"``.
         order: ``"worst"`` (lowest AP first) or ``"best"`` among queries with a valid
             match, or an explicit list of query indices (then ``num_queries`` is ignored).
@@ -94,10 +112,12 @@ def save_rank_lists(
             f"{len(q_paths)} query and {len(g_paths)} gallery paths for a distmat of shape {tuple(dist.shape)}."
         )
     ap = per_query_metrics(dist, q_pid_arr, g_pid_arr, q_cam_arr, g_cam_arr)["ap"]
+    selected = _select_queries(ap, order, num_queries)
     out_dir = Path(out_dir)
+    remove_old_pictures(out_dir, RANK_LIST_NAME)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for position, q in enumerate(_select_queries(ap, order, num_queries)):
+    for position, q in enumerate(selected):
         row = dist[q].float().cpu().numpy()
         kept = np.flatnonzero((g_pid_arr != q_pid_arr[q]) | (g_cam_arr != q_cam_arr[q]))
         top = kept[np.argsort(row[kept], kind="stable")][:top_k]
