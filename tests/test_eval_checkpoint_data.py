@@ -69,3 +69,25 @@ def test_rank_lists_use_the_metric_of_the_evaluation(tiny_checkpoint, tmp_path, 
     evaluate(compose_eval([f"ckpt_path={euclidean}", *BASE, "rank_lists.num_queries=2"], tmp_path / "run"))
     assert used == ["euclidean"]  # the run's metric, as the figures
     assert len(list((tmp_path / "run" / "rank_lists").glob("*.png"))) == 2
+
+
+def test_single_data_and_model_keys_go_on_top_of_the_checkpoints_config(tiny_checkpoint, tmp_path):
+    # e.g. a smaller test batch and no loader processes on the evaluating machine, or BoT's
+    # before-BNNeck feature (fast-reid's MODEL.HEADS.NECK_FEAT), without restating the rest
+    run = [f"ckpt_path={tiny_checkpoint}", *BASE, "export_features=true"]
+    expected = evaluate(compose_eval(run, tmp_path / "saved"))
+    metrics = evaluate(compose_eval([*run, "++data.test_batch_size=3", "++data.num_workers=0"], tmp_path / "batch"))
+    assert metrics == expected
+    np.testing.assert_allclose(_features(tmp_path / "batch"), _features(tmp_path / "saved"), rtol=0, atol=1e-5)
+    evaluate(compose_eval([*run, "++model.neck_feat=before"], tmp_path / "before"))
+    assert _features(tmp_path / "before").shape == _features(tmp_path / "saved").shape
+    assert not np.allclose(_features(tmp_path / "before"), _features(tmp_path / "saved"), atol=1e-3)
+
+
+def test_single_keys_need_a_whole_group_for_a_checkpoint_without_config(tiny_checkpoint, tmp_path):
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    ckpt["reid_config"] = None  # as a fast-reid checkpoint: no saved config
+    bare = tmp_path / "bare.ckpt"
+    torch.save(ckpt, bare)
+    with pytest.raises(ValueError, match=r"holds no saved config .*: pass data=\.\.\. on the command line"):
+        evaluate(compose_eval([f"ckpt_path={bare}", *BASE, "model=bot_r18", "++data.test_batch_size=3"], tmp_path / "x"))

@@ -67,7 +67,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     ckpt = load_model_checkpoint(cfg.ckpt_path)
     saved = OmegaConf.create(ckpt["reid_config"] or {})
-    missing = [group for group in ("model", "data") if cfg.get(group) is None and saved.get(group) is None]
+    missing = [group for group in ("model", "data") if not _whole_group(cfg, group) and saved.get(group) is None]
     if missing:
         raise ValueError(
             f"{cfg.ckpt_path} holds no saved config (a fast-reid checkpoint?): pass "
@@ -77,7 +77,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     data_cfg = data_settings(cfg, saved)
     datamodule = build_datamodule(data_cfg, stage="test")
 
-    model_cfg = cfg.model if cfg.get("model") is not None else saved.model
+    model_cfg = cfg.model if _whole_group(cfg, "model") else saved.model
+    if cfg.get("model") is not None and not _whole_group(cfg, "model"):  # ++model.<key>=... on top of the saved
+        model_cfg = OmegaConf.merge(model_cfg, cfg.model)
     model = rebuild_model(ckpt, source=str(cfg.ckpt_path), strict=cfg.get("strict_load", True), model_cfg=model_cfg)
     want_outputs = bool(cfg.export_features or cfg.rank_lists.num_queries or cfg.cmc_curve)
     evaluation = evaluation_settings(cfg, saved)
@@ -126,6 +128,12 @@ def _command_line_keys(group: str) -> tuple[bool, set[str]]:
 MODEL_DATA_KEYS = ("height", "width")
 
 
+def _whole_group(cfg: DictConfig, group: str) -> bool:
+    """Whether ``cfg.<group>`` is a whole config (``data=market1501``: it has a ``_target_``),
+    not only keys to put on top of the checkpoint's (``++data.test_batch_size=32``)."""
+    return cfg.get(group) is not None and "_target_" in cfg[group]
+
+
 def data_settings(cfg: DictConfig, saved: DictConfig) -> DictConfig:
     """The ``data`` config to evaluate ``cfg.ckpt_path`` on.
 
@@ -133,8 +141,9 @@ def data_settings(cfg: DictConfig, saved: DictConfig) -> DictConfig:
     (``data.height`` / ``data.width`` on the command line override it; a fast-reid checkpoint
     takes ``conf/data``'s). Otherwise the checkpoint's run's data; when ``paths.data_dir`` is
     given on the command line, or the saved data root is gone (a checkpoint trained on another
-    machine), its data sets are looked for under this run's ``paths.data_dir`` instead."""
-    if cfg.get("data") is not None:
+    machine), its data sets are looked for under this run's ``paths.data_dir`` instead; single
+    keys given as ``++data.<key>=...`` go on top."""
+    if _whole_group(cfg, "data"):
         data_cfg = cfg.data.copy()
         if saved.get("data") is not None:
             _, given = _command_line_keys("data")
@@ -151,15 +160,16 @@ def data_settings(cfg: DictConfig, saved: DictConfig) -> DictConfig:
     new_dir = cfg.paths.data_dir
     data_dir_given = "data_dir" in _command_line_keys("paths")[1]
     moved = old_dir is not None and not Path(str(old_dir)).exists()
-    if old_dir is None or str(old_dir) == str(new_dir) or not (data_dir_given or moved):
-        return data_cfg
-    log.info("data sets of the checkpoint's run (saved under %s) are read from paths.data_dir=%s", old_dir, new_dir)
-    if str(data_cfg.get("root")) == str(old_dir):
-        data_cfg.root = new_dir
-    for sets in ("train_sets", "test_sets"):
-        for entry in data_cfg.get(sets) or []:
-            if isinstance(entry, DictConfig) and str(entry.get("root")) == str(old_dir):
-                entry.root = new_dir
+    if old_dir is not None and str(old_dir) != str(new_dir) and (data_dir_given or moved):
+        log.info("data sets of the checkpoint's run (saved under %s) are read from paths.data_dir=%s", old_dir, new_dir)
+        if str(data_cfg.get("root")) == str(old_dir):
+            data_cfg.root = new_dir
+        for sets in ("train_sets", "test_sets"):
+            for entry in data_cfg.get(sets) or []:
+                if isinstance(entry, DictConfig) and str(entry.get("root")) == str(old_dir):
+                    entry.root = new_dir
+    if cfg.get("data") is not None:  # ++data.<key>=... on top of the checkpoint's
+        data_cfg = OmegaConf.merge(data_cfg, cfg.data)
     return data_cfg
 
 
