@@ -155,3 +155,19 @@ def test_an_image_of_another_format_is_not_read_as_a_list_file(tmp_path, query_p
         collect_image_files(webp)
     with pytest.raises(ValueError, match=r"person\.webp is neither"):
         collect_image_files([str(tmp_path / "person.webp")])
+
+
+def test_a_symlinked_sub_folder_is_searched_and_a_link_loop_ends(tmp_path, query_paths):
+    from reid_lightning.inference.image_files import collect_image_files
+
+    elsewhere = tmp_path / "camera2"
+    elsewhere.mkdir()
+    Image.open(query_paths[0]).save(elsewhere / "x.jpg")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.open(query_paths[1]).save(folder / "a.jpg")
+    (folder / "cam2").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "back").symlink_to(folder, target_is_directory=True)  # a loop: photos/cam2/back -> photos
+    files = collect_image_files(folder)
+    assert files.names == ["a.jpg", "cam2/x.jpg"]
+    assert files.paths == [(folder / "a.jpg").resolve(), (elsewhere / "x.jpg").resolve()]

@@ -9,7 +9,8 @@ Called as::
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +34,22 @@ class ImageFiles:
     names: list[str]
 
 
+def _walk(folder: Path) -> Iterator[Path]:
+    """Every file below ``folder``, through symlinked sub-folders too (``Path.rglob`` skips
+    those before Python 3.13), each real folder once (a link back up ends there)."""
+    seen = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        yield from (Path(root) / name for name in files)
+
+
 def _from_folder(folder: Path) -> ImageFiles:
-    paths = sorted(path for path in folder.rglob("*") if is_image(path))
+    paths = sorted(path for path in _walk(folder) if is_image(path))
     if not paths:
         raise ValueError(f"input folder {folder} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)}, searched recursively)")
     return ImageFiles([p.resolve() for p in paths], [p.relative_to(folder).as_posix() for p in paths])
@@ -59,7 +74,8 @@ def collect_image_files(source: str | Path | Sequence[str | Path]) -> ImageFiles
     """Resolve an input of ``scripts/extract.py`` or ``scripts/search.py`` into image files.
 
     Args:
-        source: a folder (searched recursively for .jpg/.jpeg/.png/.bmp files, sorted), a
+        source: a folder (searched recursively, symlinked sub-folders included, for
+            .jpg/.jpeg/.png/.bmp files, sorted), a
             text file listing one image path per line (relative paths are taken from the
             list's folder; blank lines and lines starting with ``#`` are ignored), one image
             file, or a sequence of any of these (concatenated in order).
