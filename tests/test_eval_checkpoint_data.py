@@ -91,3 +91,17 @@ def test_single_keys_need_a_whole_group_for_a_checkpoint_without_config(tiny_che
     torch.save(ckpt, bare)
     with pytest.raises(ValueError, match=r"holds no saved config .*: pass data=\.\.\. on the command line"):
         evaluate(compose_eval([f"ckpt_path={bare}", *BASE, "model=bot_r18", "++data.test_batch_size=3"], tmp_path / "x"))
+
+
+def test_exported_features_are_the_models_also_with_query_expansion(tiny_checkpoint, tmp_path):
+    from reid_lightning.inference import FeatureExtractor
+
+    run = [f"ckpt_path={tiny_checkpoint}", *BASE, "export_features=true"]
+    evaluate(compose_eval(run, tmp_path / "plain"))
+    evaluate(compose_eval([*run, "evaluation.aqe=true", "rank_lists.num_queries=1"], tmp_path / "aqe"))
+    # features.npz holds the model's features (what FeatureExtractor(normalize=False) gives), not the expanded ones
+    np.testing.assert_allclose(_features(tmp_path / "aqe"), _features(tmp_path / "plain"), rtol=0, atol=1e-6)
+    with np.load(tmp_path / "aqe" / "features.npz") as saved:
+        paths = list(saved["paths"][:4])
+    ours = FeatureExtractor.from_checkpoint(tiny_checkpoint, device="cpu")(paths, normalize=False)
+    np.testing.assert_allclose(ours.numpy(), _features(tmp_path / "aqe")[:4], rtol=0, atol=1e-5)

@@ -42,10 +42,14 @@ log = logging.getLogger(__name__)
 
 
 def export_features(outputs: dict[str, Any], paths: list[str], out_path: Path) -> Path:
-    """Write query + gallery features, pids, cameras, the query flag and image paths to ``.npz``."""
+    """Write query + gallery features, pids, cameras, the query flag and image paths to ``.npz``.
+
+    The features are the model's (those of ``FeatureExtractor(normalize=False)``), also when
+    the ranking used query-expanded ones (``evaluation.aqe``)."""
+    q_feat, g_feat = outputs.get("q_feat_model", outputs["q_feat"]), outputs.get("g_feat_model", outputs["g_feat"])
     np.savez_compressed(
         out_path,
-        features=np.concatenate([outputs["q_feat"].cpu().numpy(), outputs["g_feat"].cpu().numpy()]),
+        features=np.concatenate([q_feat.cpu().numpy(), g_feat.cpu().numpy()]),
         pids=np.concatenate([outputs["q_pids"].cpu().numpy(), outputs["g_pids"].cpu().numpy()]),
         camids=np.concatenate([outputs["q_camids"].cpu().numpy(), outputs["g_camids"].cpu().numpy()]),
         is_query=np.arange(len(paths)) < len(outputs["q_pids"]),

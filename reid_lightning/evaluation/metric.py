@@ -87,7 +87,9 @@ class ReIDMetric(Metric):
         keep_outputs: after each ``compute()``, keep the ranked data in ``last_outputs``
             (query/gallery features, pids, camids, dataset indices and the CMC curve, plus
             the distance matrix ``"dist"`` when the dense path computed one) for feature
-            export and rank-list pictures.
+            export and rank-list pictures; with ``aqe`` the features are the expanded ones
+            the ranking used, and the model's own are kept as ``"q_feat_model"`` /
+            ``"g_feat_model"``.
         max_chunk_mb: memory budget in MiB of one query chunk of the chunked ranking
             (``evaluation.max_chunk_mb``).
         **kwargs: passed to ``torchmetrics.Metric`` (``sync_on_compute``, ...).
@@ -177,7 +179,10 @@ class ReIDMetric(Metric):
         del features
         pids, camids = dim_zero_cat(self.pids), dim_zero_cat(self.camids)
         q_pids, g_pids, q_camids, g_camids = pids[q_keep], pids[g_keep], camids[q_keep], camids[g_keep]
+        model_feats = {}
         if self.aqe:
+            if self.keep_outputs:  # feature export writes the model's features, not the expanded ones
+                model_feats = {"q_feat_model": q_feat, "g_feat_model": g_feat}
             q_feat, g_feat = average_query_expansion(q_feat, g_feat, self.aqe_alpha, self.aqe_k)
         # a gallery smaller than max_rank shortens the CMC (it then ends at 1.0)
         max_rank = min(self.max_rank, g_feat.shape[0])
@@ -201,7 +206,7 @@ class ReIDMetric(Metric):
             self.last_outputs = {
                 "q_feat": q_feat, "g_feat": g_feat, "q_pids": q_pids, "g_pids": g_pids,
                 "q_camids": q_camids, "g_camids": g_camids,
-                "q_index": index[q_keep], "g_index": index[g_keep], "cmc": cmc,
+                "q_index": index[q_keep], "g_index": index[g_keep], "cmc": cmc, **model_feats,
             }
             if distmat is not None:
                 self.last_outputs["dist"] = distmat
