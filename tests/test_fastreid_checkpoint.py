@@ -188,3 +188,39 @@ def test_eval_script_evaluates_a_fastreid_checkpoint(tmp_path):
     order = [rows[str(Path(p).relative_to(MINI_MARKET))] for p in exported["paths"]]
     assert len(order) == 64  # query + gallery: every test image went through fast-reid's weights
     torch.testing.assert_close(torch.from_numpy(exported["features"]), expected[order], atol=1e-5, rtol=0)
+
+
+@needs_reference
+def test_extract_and_search_take_a_fastreid_checkpoint_with_model(tmp_path):
+    from omegaconf import OmegaConf
+
+    from reid_lightning.cli.inference import run_extract, run_search
+    from reid_lightning.inference import FeatureExtractor
+
+    ckpt = REFERENCE / "model_final.pth"
+    with pytest.raises(ValueError, match=r"fast-reid checkpoint.*no saved config.*model=bot_r50"):
+        FeatureExtractor.from_checkpoint(ckpt, device="cpu")
+    model_cfg = OmegaConf.to_container(compose_train(["model=bot_r18"]).model)
+    extractor = FeatureExtractor.from_checkpoint(ckpt, device="cpu", model=model_cfg)
+    assert extractor.size == (256, 128) and extractor.flip is False  # fast-reid's INPUT.SIZE_TEST default
+    paths, expected = reference_features()
+    torch.testing.assert_close(extractor([MINI_MARKET / p for p in paths[:8]], normalize=False), expected[:8],
+                               atol=1e-5, rtol=0)
+
+    # the scripts: model=bot_r18 on the command line (here its config), the index remembers it
+    index = run_extract(OmegaConf.create({
+        "ckpt_path": str(ckpt), "model": model_cfg, "input_size": None, "input": str(MINI_MARKET / "query"),
+        "output": str(tmp_path / "index.npz"), "dtype": "float32", "normalize": False, "flip": None, "device": "cpu",
+        "precision": "32", "batch_size": 16, "num_workers": 0, "skip_bad": False, "progress": False,
+    }))
+    with np.load(index) as saved:
+        rows = {p: i for i, p in enumerate(paths)}
+        order = [rows[f"query/{name}"] for name in saved["paths"]]
+        torch.testing.assert_close(torch.from_numpy(saved["features"]), expected[order], atol=1e-5, rtol=0)
+    run_search(OmegaConf.create({
+        "index": str(index), "query": str(MINI_MARKET / "query"), "top_k": 1, "metric": "cosine", "backend": "torch",
+        "ckpt_path": None, "model": None, "device": "cpu", "batch_size": 16, "num_workers": 0, "skip_bad": False,
+        "rank_lists": False, "rank_list_size": 10, "output_dir": str(tmp_path / "search"),
+    }))
+    results = json.loads((tmp_path / "search" / "results.json").read_text())
+    assert all(hits[0][0] == query and hits[0][1] < 1e-5 for query, hits in results.items())  # each finds itself

@@ -48,13 +48,21 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
+def _model_options(cfg: DictConfig) -> dict[str, Any]:
+    """``model=`` / ``input_size=`` of a script's config as ``FeatureExtractor.from_checkpoint``
+    arguments (needed for a fast-reid checkpoint, which stores no config)."""
+    model, size = cfg.get("model"), cfg.get("input_size")
+    return {"model": _plain(model) if model is not None else None, "size": _plain(size) if size is not None else None}
+
+
 def run_extract(cfg: DictConfig) -> Path:
     """Extract features of ``cfg.input`` and write them to ``cfg.output`` (``.npz``).
 
     The file holds ``features`` (N x D, ``cfg.dtype``), ``paths`` (names relative to the
     input), ``files`` (absolute paths), ``pids`` and ``camids`` (parsed from Market-style
     names, else -1), ``skipped`` (unreadable files left out with ``skip_bad``), and how the
-    features were made: ``ckpt_path``, ``normalized``, ``flip``.
+    features were made: ``ckpt_path``, ``normalized``, ``flip``, ``input_size`` and
+    ``model_config`` (JSON of the ``model=`` given for a fast-reid checkpoint, else empty).
 
     Returns:
         The written file.
@@ -62,8 +70,9 @@ def run_extract(cfg: DictConfig) -> Path:
     if cfg.dtype not in FEATURE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(FEATURE_DTYPES)}, got {cfg.dtype!r}")
     ckpt_path = Path(cfg.ckpt_path).resolve()
+    options = _model_options(cfg)
     extractor = FeatureExtractor.from_checkpoint(
-        ckpt_path, device=cfg.device, precision=str(cfg.precision), flip=cfg.flip, batch_size=cfg.batch_size
+        ckpt_path, device=cfg.device, precision=str(cfg.precision), flip=cfg.flip, batch_size=cfg.batch_size, **options
     )
     result = extractor.extract_folder(
         _plain(cfg.input), normalize=cfg.normalize, num_workers=cfg.num_workers, skip_bad=cfg.skip_bad,
@@ -81,6 +90,7 @@ def run_extract(cfg: DictConfig) -> Path:
             pids=pids, camids=camids,
             skipped=np.asarray([name for name, _ in result.skipped], dtype=str),
             ckpt_path=str(ckpt_path), normalized=bool(cfg.normalize), flip=extractor.flip,
+            input_size=np.asarray(extractor.size), model_config=json.dumps(options["model"]) if options["model"] else "",
         )
     log.info("%d images, %d-d features -> %s%s", len(result.files.names), result.features.shape[1], output,
              f" ({len(result.skipped)} unreadable skipped)" if result.skipped else "")
@@ -116,7 +126,7 @@ def run_export(cfg: DictConfig) -> Path:
     if cfg.format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {cfg.format!r}")
     ckpt_path = Path(cfg.ckpt_path).resolve()
-    extractor = FeatureExtractor.from_checkpoint(ckpt_path, device="cpu", flip=cfg.flip)
+    extractor = FeatureExtractor.from_checkpoint(ckpt_path, device="cpu", flip=cfg.flip, **_model_options(cfg))
     output = Path(cfg.output) if cfg.output else Path(cfg.paths.output_dir) / f"model{EXTENSIONS[cfg.format]}"
     export_model(extractor, output, cfg.format, cfg.include_normalize)
     extra: dict[str, Any] = {"checkpoint": str(ckpt_path)}
@@ -174,7 +184,14 @@ def run_search(cfg: DictConfig) -> Path:
             f"checkpoint {ckpt_path} recorded in {index_path} does not exist: pass ckpt_path=<the checkpoint the "
             "index was extracted with>"
         )
-    extractor = FeatureExtractor.from_checkpoint(ckpt_path, device=cfg.device, flip=bool(index["flip"]), batch_size=cfg.batch_size)
+    # the queries are embedded as the gallery was: same model (a fast-reid one's model=) and input size
+    options = _model_options(cfg)
+    if options["model"] is None and str(index.get("model_config", "")):
+        options["model"] = json.loads(str(index["model_config"]))
+    if "input_size" in index:
+        options["size"] = [int(v) for v in index["input_size"]]
+    extractor = FeatureExtractor.from_checkpoint(ckpt_path, device=cfg.device, flip=bool(index["flip"]),
+                                                 batch_size=cfg.batch_size, **options)
     query = extractor.extract_folder(
         _plain(cfg.query), normalize=bool(index["normalized"]), num_workers=cfg.num_workers, skip_bad=cfg.skip_bad
     )

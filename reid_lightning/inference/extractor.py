@@ -11,7 +11,7 @@ Called as::
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from reid_lightning.checkpointing.load import load_checkpoint
+from reid_lightning.checkpointing.load import load_model_checkpoint
 from reid_lightning.checkpointing.saved_model import rebuild_model
 from reid_lightning.data.image_dataset import read_image
 from reid_lightning.data.transforms import (
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 ImageInput = str | Path | Image.Image | np.ndarray
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+FASTREID_TEST_SIZE = (256, 128)  # fast-reid's default INPUT.SIZE_TEST, for its checkpoints
 
 
 class InferenceModel(nn.Module):
@@ -162,31 +163,51 @@ class FeatureExtractor:
         flip: bool | None = None,
         batch_size: int = 64,
         strict: bool = True,
+        model: Mapping[str, Any] | None = None,
+        size: Sequence[int] | None = None,
     ) -> FeatureExtractor:
-        """Rebuild the model of a checkpoint written by ``scripts/train.py``, as ``scripts/eval.py`` does.
+        """Rebuild the model of a checkpoint written by ``scripts/train.py`` or by fast-reid, as
+        ``scripts/eval.py`` does.
 
         The checkpoint is read with ``torch.load(weights_only=True)``; the model, the input
-        size and the flip setting come from the config stored in it (``reid_config``).
+        size and the flip setting come from the config stored in it (``reid_config``). A
+        fast-reid checkpoint (``model_final.pth``) stores none: pass ``model`` (the ``model``
+        config it was trained with, e.g. conf/model/bot_r50.yaml composed); its input size is
+        fast-reid's default ``INPUT.SIZE_TEST`` 256x128 unless ``size`` says otherwise.
 
         Args:
-            path: the ``.ckpt`` file.
+            path: the ``.ckpt`` file, a fast-reid ``.pth``, or an ``http(s)://`` URL of either.
             device: see the class.
             precision: see the class.
             flip: the flip test; ``None`` takes ``evaluation.flip`` of the checkpoint's config.
             batch_size: images per forward pass.
             strict: every weight must fit the model (see ``scripts/eval.py strict_load``).
+            model: the ``model`` config to build instead of the saved one (required for a
+                fast-reid checkpoint).
+            size: input ``(height, width)`` instead of the saved one.
 
         Raises:
             FileNotFoundError: no file at ``path``.
-            ValueError: not a readable reid_lightning checkpoint.
+            ValueError: not a readable reid_lightning or fast-reid checkpoint, or a fast-reid
+                one without ``model``.
         """
-        ckpt = load_checkpoint(path)
-        config = ckpt["reid_config"]
-        model = rebuild_model(ckpt, source=str(path), strict=strict)
+        ckpt = load_model_checkpoint(str(path))
+        config = ckpt["reid_config"] or {}
+        if model is None and "model" not in config:
+            raise ValueError(
+                f"{path} is a fast-reid checkpoint (no saved config of ours): pass the model it was trained with "
+                "(model=bot_r50, model=bot_r50_ibn, ... on the command line; FeatureExtractor.from_checkpoint(..., "
+                "model=<model config>))"
+            )
+        net = rebuild_model(ckpt, source=str(path), strict=strict, model_cfg=model)
         if flip is None:
             flip = bool(config.get("evaluation", {}).get("flip", False))
-        size = (config["data"]["height"], config["data"]["width"])
-        return cls(model, size, device=device, precision=precision, flip=flip, batch_size=batch_size, config=config)
+        if size is None:
+            data = config.get("data", {})
+            size = (data["height"], data["width"]) if "height" in data else FASTREID_TEST_SIZE
+        if len(size) != 2:
+            raise ValueError(f"size must be (height, width), got {size!r}")
+        return cls(net, tuple(size), device=device, precision=precision, flip=flip, batch_size=batch_size, config=config)
 
     @property
     def flip(self) -> bool:
