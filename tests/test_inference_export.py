@@ -106,3 +106,21 @@ def test_model_json_names_the_distance_of_the_checkpoints_run(tiny_checkpoint, t
     assert write_model_info(extractor, tmp_path / "model.pt", "torchscript", include_normalize=False)["distance"] == "euclidean"
     cosine = FeatureExtractor.from_checkpoint(tiny_checkpoint, device="cpu")
     assert write_model_info(cosine, tmp_path / "model.pt", "torchscript", include_normalize=False)["distance"] == "cosine"
+
+
+def test_export_with_nothing_to_verify_on_says_so_before_writing(tiny_checkpoint, tmp_path):
+    from omegaconf import OmegaConf
+
+    from reid_lightning.cli.inference import run_export
+
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    ckpt["reid_config"]["data"]["root"] = str(tmp_path / "gone")  # its query images are not on this machine
+    torch.save(ckpt, tmp_path / "moved.ckpt")
+    cfg = OmegaConf.create({
+        "ckpt_path": str(tmp_path / "moved.ckpt"), "model": None, "input_size": None, "format": "torchscript",
+        "output": str(tmp_path / "model.pt"), "include_normalize": False, "flip": None, "verify": True, "atol": 1e-4,
+        "verify_batch_sizes": [], "verify_input": None, "paths": {"output_dir": str(tmp_path)},
+    })
+    with pytest.raises(ValueError, match=r"nothing to verify .*verify_batch_sizes.*verify_input.*verify=false"):
+        run_export(cfg)
+    assert not (tmp_path / "model.pt").exists()

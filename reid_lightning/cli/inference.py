@@ -128,11 +128,17 @@ def run_export(cfg: DictConfig) -> Path:
     ckpt_path = Path(cfg.ckpt_path).resolve()
     extractor = FeatureExtractor.from_checkpoint(ckpt_path, device="cpu", flip=cfg.flip, **_model_options(cfg))
     output = Path(cfg.output) if cfg.output else Path(cfg.paths.output_dir) / f"model{EXTENSIONS[cfg.format]}"
+    inputs = _verification_inputs(extractor, cfg) if cfg.verify else []
+    if cfg.verify and not inputs:
+        raise ValueError(
+            "nothing to verify the export on: verify_batch_sizes is empty and no real images were found; give "
+            "verify_batch_sizes=[1,7], verify_input=<folder of images>, or verify=false"
+        )
     export_model(extractor, output, cfg.format, cfg.include_normalize)
     extra: dict[str, Any] = {"checkpoint": str(ckpt_path)}
     if cfg.verify:
         try:
-            diffs = verify_export(extractor, output, cfg.format, cfg.include_normalize, _verification_inputs(extractor, cfg), atol=cfg.atol)
+            diffs = verify_export(extractor, output, cfg.format, cfg.include_normalize, inputs, atol=cfg.atol)
         except ExportCheckError as err:
             output.unlink()
             raise ExportCheckError(f"{err}; the exported file was removed (verify=false exports without the check)") from err
