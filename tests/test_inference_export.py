@@ -124,3 +124,17 @@ def test_export_with_nothing_to_verify_on_says_so_before_writing(tiny_checkpoint
     with pytest.raises(ValueError, match=r"nothing to verify .*verify_batch_sizes.*verify_input.*verify=false"):
         run_export(cfg)
     assert not (tmp_path / "model.pt").exists()
+
+
+def test_verification_does_not_generate_a_missing_demo_set(tiny_checkpoint, tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    from reid_lightning.cli.inference import _verification_inputs
+
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    ckpt["reid_config"]["data"].update(dataset="demo", root=str(tmp_path / "data"), dataset_kwargs={"seed": 0})
+    torch.save(ckpt, tmp_path / "demo.ckpt")
+    extractor = FeatureExtractor.from_checkpoint(tmp_path / "demo.ckpt", device="cpu")
+    inputs = _verification_inputs(extractor, OmegaConf.create({"verify_batch_sizes": [2], "verify_input": None}))
+    assert [len(batch) for batch in inputs] == [2]  # random only
+    assert not (tmp_path / "data").exists()  # no demo set written just to check an export

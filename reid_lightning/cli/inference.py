@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from reid_lightning.data.datasets import build_dataset
+from reid_lightning.data.datasets.demo import demo_dir
 from reid_lightning.evaluation.visualize import (
     MATCH_COLOUR,
     WRONG_COLOUR,
@@ -107,7 +108,11 @@ def _verification_inputs(extractor: FeatureExtractor, cfg: DictConfig) -> list[t
     else:
         data = extractor.config.get("data", {})
         try:
-            paths = [s.path for s in build_dataset(data["dataset"], data["root"], **data.get("dataset_kwargs", {})).query]
+            kwargs = data.get("dataset_kwargs", {})
+            if data.get("dataset") == "demo" and not demo_dir(data["root"], kwargs.get("seed", 0)).is_dir():
+                # reading it would generate it: not worth writing a data set to check an export
+                raise FileNotFoundError(f"the demo set is not under {data['root']}")
+            paths = [s.path for s in build_dataset(data["dataset"], data["root"], **kwargs).query]
         except (KeyError, FileNotFoundError, ValueError) as err:
             log.warning("verifying on random inputs only: no real images (%s); pass verify_input=<folder> to add some", err)
             return inputs
