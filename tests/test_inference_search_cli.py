@@ -6,6 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -93,3 +94,21 @@ def test_a_second_search_into_the_same_folder_leaves_no_pictures_of_the_first(ti
     assert len(search(str(tiny_market_root / "query"))) == len(queries) > 1
     (tmp_path / "out" / "rank_lists" / "mine.png").write_bytes(b"the user's own file")
     assert search(str(queries[-1])) == [f"0000_{queries[-1].stem}.png", "mine.png"]
+
+
+def test_extract_and_search_take_a_checkpoint_url(tiny_checkpoint, tiny_market_root, tmp_path, monkeypatch):
+    import torch
+
+    url = "https://example.org/models/tiny.ckpt"
+    requested = []
+
+    def fake_download(location, **kwargs):
+        requested.append(location)
+        return torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_download)
+    index = _extract(url, str(tiny_market_root / "query"), tmp_path / "index.npz")
+    with np.load(index) as saved:
+        assert str(saved["ckpt_path"]) == url  # as given, not made into a local path
+    results = _search(index, str(tiny_market_root / "query"), tmp_path / "search", top_k=1)
+    assert requested == [url, url] and all(hits[0][0] == query for query, hits in results.items())

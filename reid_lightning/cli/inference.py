@@ -49,6 +49,12 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
+def _checkpoint_location(location: str | Path) -> str:
+    """A checkpoint path made absolute (it is recorded in the outputs), or an ``http(s)://`` URL as given."""
+    location = str(location)
+    return location if location.startswith(("http://", "https://")) else str(Path(location).resolve())
+
+
 def _model_options(cfg: DictConfig) -> dict[str, Any]:
     """``model=`` / ``input_size=`` of a script's config as ``FeatureExtractor.from_checkpoint``
     arguments (needed for a fast-reid checkpoint, which stores no config)."""
@@ -70,7 +76,7 @@ def run_extract(cfg: DictConfig) -> Path:
     """
     if cfg.dtype not in FEATURE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(FEATURE_DTYPES)}, got {cfg.dtype!r}")
-    ckpt_path = Path(cfg.ckpt_path).resolve()
+    ckpt_path = _checkpoint_location(cfg.ckpt_path)
     options = _model_options(cfg)
     extractor = FeatureExtractor.from_checkpoint(
         ckpt_path, device=cfg.device, precision=str(cfg.precision), flip=cfg.flip, batch_size=cfg.batch_size, **options
@@ -130,7 +136,7 @@ def run_export(cfg: DictConfig) -> Path:
     """
     if cfg.format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {cfg.format!r}")
-    ckpt_path = Path(cfg.ckpt_path).resolve()
+    ckpt_path = _checkpoint_location(cfg.ckpt_path)
     extractor = FeatureExtractor.from_checkpoint(ckpt_path, device="cpu", flip=cfg.flip, **_model_options(cfg))
     output = Path(cfg.output) if cfg.output else Path(cfg.paths.output_dir) / f"model{EXTENSIONS[cfg.format]}"
     inputs = _verification_inputs(extractor, cfg) if cfg.verify else []
@@ -175,8 +181,9 @@ def run_search(cfg: DictConfig) -> Path:
 
     ``results.json`` maps each query name to ``[[gallery path, distance], ...]``, nearest
     first; a name that several files share (the same file name in two input folders) is
-    replaced by the file's absolute path, for queries and gallery alike. Query features are made with the index's checkpoint (or ``cfg.ckpt_path``) and its
-    flip and normalisation settings.
+    replaced by the file's absolute path, for queries and gallery alike. Query features are
+    made with the index's checkpoint (or ``cfg.ckpt_path``), model, input size, flip and
+    normalisation settings.
 
     Returns:
         The written ``results.json``.
@@ -190,7 +197,7 @@ def run_search(cfg: DictConfig) -> Path:
             raise ValueError(f"{index_path} is not a features file of scripts/extract.py: it lacks {sorted(missing)}")
         index = {key: index[key] for key in index.files}
     ckpt_path = cfg.ckpt_path or str(index["ckpt_path"])
-    if not cfg.ckpt_path and not Path(ckpt_path).is_file():
+    if not cfg.ckpt_path and not ckpt_path.startswith(("http://", "https://")) and not Path(ckpt_path).is_file():
         raise FileNotFoundError(
             f"checkpoint {ckpt_path} recorded in {index_path} does not exist: pass ckpt_path=<the checkpoint the "
             "index was extracted with>"
