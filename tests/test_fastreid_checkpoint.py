@@ -126,6 +126,29 @@ def test_older_fastreid_names_and_learnable_gem_map(tmp_path):
         build_bot(num_classes=4, depth=18, pretrained=str(tmp_path / "old.pth"))
 
 
+def test_fastreid_gem_and_gemp_checkpoints_load(tmp_path):
+    """fast-reid's GeneralizedMeanPoolingP saves ``heads.pool_layer.p`` as ``ones(1) * p`` (shape [1]);
+    its GeneralizedMeanPooling keeps p = 3 as a plain attribute and saves nothing."""
+    torch.manual_seed(2)
+    source = build_bot(num_classes=4, depth=18, pooling="gem_learnable")
+    with torch.no_grad():
+        source.head.pool.p.fill_(2.5)
+    state = fastreid_state(source)
+    state["heads.pool_layer.p"] = state.pop("head.pool.p").reshape(1)
+    torch.save({"model": state}, tmp_path / "gemp.pth")
+    model = build_bot(num_classes=4, depth=18, pooling="gem_learnable", pretrained=str(tmp_path / "gemp.pth"))
+    assert_same_weights(model, source)
+    module = ReIDModule(build_bot(num_classes=4, depth=18, pooling="gem_learnable"))
+    load_model_weights(module, load_model_checkpoint(tmp_path / "gemp.pth")["state_dict"], source="gemp", strict=True)
+    assert_same_weights(module.model, source)
+
+    del state["heads.pool_layer.p"]  # a fast-reid GeneralizedMeanPooling model
+    torch.save({"model": state}, tmp_path / "gem.pth")
+    model = build_bot(num_classes=4, depth=18, pooling="gem", pretrained=str(tmp_path / "gem.pth"))
+    assert float(model.head.pool.p) == 3.0
+    assert torch.equal(model.head.bnneck.weight, source.head.bnneck.weight.half().float())
+
+
 def test_init_from_and_eval_read_a_fastreid_checkpoint_as_module_weights(tmp_path, source_bot):
     path = write_fastreid_checkpoint(source_bot, tmp_path / "model_final.pth")
     ckpt = load_model_checkpoint(path)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbones.pretrained import load_backbone_state
+from .pooling import GeneralizedMeanPooling
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def fastreid_to_baseline(state: Mapping[str, Tensor], source: str) -> dict[str, 
     """Rename a fast-reid BoT state dict to :class:`~reid_lightning.modeling.Baseline` keys.
 
     ``backbone.X`` -> ``backbone.X``, ``heads.bottleneck.0.X`` -> ``head.bnneck.X``,
-    ``heads.pool_layer.X`` (GeM's ``p``) -> ``head.pool.X``, ``heads.weight`` (or the older
+    ``heads.pool_layer.X`` (GeM-P's ``p``, shape ``[1]`` there, a scalar here) -> ``head.pool.X``, ``heads.weight`` (or the older
     ``heads.classifier.weight``) -> ``head.classifier.weight``; ``pixel_mean``/``pixel_std``
     are dropped (with a warning when they differ from the ImageNet statistics our transforms use).
 
@@ -78,7 +79,10 @@ def fastreid_to_baseline(state: Mapping[str, Tensor], source: str) -> dict[str, 
         elif key.startswith(_BNNECK):
             renamed["head.bnneck." + key[len(_BNNECK) :]] = value
         elif key.startswith(_POOL):
-            renamed["head.pool." + key[len(_POOL) :]] = value
+            name = key[len(_POOL) :]
+            if name == "p" and value.numel() == 1:
+                value = value.reshape(())  # fast-reid's GeneralizedMeanPoolingP: ones(1) * 3; ours is a scalar
+            renamed["head.pool." + name] = value
         elif key in _CLASSIFIERS:
             renamed["head.classifier.weight"] = value
         elif key in _PIXEL_STATS:
@@ -99,12 +103,19 @@ def fastreid_to_baseline(state: Mapping[str, Tensor], source: str) -> dict[str, 
     return renamed
 
 
+def _is_fixed_fastreid_gem(pool: nn.Module) -> bool:
+    """True for a non-learnable GeM with fast-reid's fixed exponent 3 (fast-reid saves no state for it)."""
+    p = getattr(pool, "p", None)
+    return isinstance(pool, GeneralizedMeanPooling) and not isinstance(p, nn.Parameter) and float(p) == 3.0
+
+
 def load_fastreid_weights(model: nn.Module, obj: Any, source: str) -> None:
     """Load a fast-reid checkpoint into a :class:`~reid_lightning.modeling.Baseline` in place.
 
     The backbone and the BNNeck must match exactly (missing or mis-shaped tensors fail with
     their names; the backbone is also checked for non-finite values, as any backbone weights
-    are); a learnable GeM pooling takes ``heads.pool_layer.p``; the classifier is loaded where its shape
+    are); a learnable GeM pooling takes ``heads.pool_layer.p`` (fast-reid's GeM-P), a fixed GeM
+    (p = 3) takes a checkpoint without pooling keys (fast-reid's GeM saves none); the classifier is loaded where its shape
     fits, otherwise the model keeps its fresh classifier and a warning says so (fine-tuning on
     another number of identities). Floating tensors are cast to the model's dtype.
 
@@ -140,7 +151,10 @@ def load_fastreid_weights(model: nn.Module, obj: Any, source: str) -> None:
     dtype = head.bnneck.weight.dtype
     head.bnneck.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in neck.items()}, strict=False)
     pool = {k[len("head.pool.") :]: v.to(dtype) for k, v in state.items() if k.startswith("head.pool.")}
-    if pool.keys() != head.pool.state_dict().keys():
+    own_pool = head.pool.state_dict()
+    if not pool and _is_fixed_fastreid_gem(head.pool):
+        pool = own_pool  # fast-reid's GeneralizedMeanPooling keeps p = 3 as a plain attribute: nothing saved
+    if pool.keys() != own_pool.keys():
         raise RuntimeError(
             f"The pooling of {source} ({_POOL}*: {sorted(pool) or 'none'}) does not match the model's "
             f"{type(head.pool).__name__} ({sorted(head.pool.state_dict()) or 'no tensors'}): pick model.pooling to match"
