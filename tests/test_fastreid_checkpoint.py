@@ -110,6 +110,15 @@ def test_parts_our_model_lacks_are_named(tmp_path, source_bot):
         build_bot(num_classes=5, depth=18, pretrained=str(tmp_path / "other_head.pth"))
 
 
+def test_backbone_parts_our_model_lacks_are_named(tmp_path, source_bot):
+    """fast-reid's non-local / SE blocks (AGW, SBS models) must not be dropped with a mere log line."""
+    state = fastreid_state(source_bot)
+    state["backbone.NL_2.0.g.weight"] = torch.zeros(128, 256, 1, 1)
+    torch.save({"model": state}, tmp_path / "agw.pth")
+    with pytest.raises(RuntimeError, match=r"backbone has parts .*: backbone\.NL_2\.0\.g\.weight"):
+        build_bot(num_classes=5, depth=18, stem_pool="fastreid", pretrained=str(tmp_path / "agw.pth"))
+
+
 def test_older_fastreid_names_and_learnable_gem_map(tmp_path):
     torch.manual_seed(1)
     source = build_bot(num_classes=4, depth=18, pooling="gem_learnable")

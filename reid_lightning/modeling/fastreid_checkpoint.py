@@ -112,9 +112,9 @@ def _is_fixed_fastreid_gem(pool: nn.Module) -> bool:
 def load_fastreid_weights(model: nn.Module, obj: Any, source: str) -> None:
     """Load a fast-reid checkpoint into a :class:`~reid_lightning.modeling.Baseline` in place.
 
-    The backbone and the BNNeck must match exactly (missing or mis-shaped tensors fail with
-    their names; the backbone is also checked for non-finite values, as any backbone weights
-    are); a learnable GeM pooling takes ``heads.pool_layer.p`` (fast-reid's GeM-P), a fixed GeM
+    The backbone and the BNNeck must match exactly (missing, mis-shaped or extra tensors, such
+    as those of fast-reid's non-local or SE blocks, fail with their names; the backbone is also
+    checked for non-finite values, as any backbone weights are); a learnable GeM pooling takes ``heads.pool_layer.p`` (fast-reid's GeM-P), a fixed GeM
     (p = 3) takes a checkpoint without pooling keys (fast-reid's GeM saves none); the classifier is loaded where its shape
     fits, otherwise the model keeps its fresh classifier and a warning says so (fine-tuning on
     another number of identities). Floating tensors are cast to the model's dtype.
@@ -128,7 +128,17 @@ def load_fastreid_weights(model: nn.Module, obj: Any, source: str) -> None:
         RuntimeError: a part of the checkpoint does not fit the model (names the keys).
     """
     state = fastreid_to_baseline(_model_state(obj), source)
-    load_backbone_state(model.backbone, {k: v for k, v in state.items() if k.startswith("backbone.")}, source)
+    backbone = {k: v for k, v in state.items() if k.startswith("backbone.")}
+    own_backbone = model.backbone.state_dict()
+    extra = [k for k in backbone if k[len("backbone.") :] not in own_backbone]
+    complete = all(f"backbone.{k}" in backbone for k in own_backbone if not k.endswith("num_batches_tracked"))
+    if extra and complete:  # e.g. fast-reid's non-local (NL_*) or SE blocks: dropping them changes the features
+        shown = ", ".join(extra[:10]) + (f", ... ({len(extra)} in all)" if len(extra) > 10 else "")
+        raise RuntimeError(
+            f"{source} is a fast-reid checkpoint whose backbone has parts the model's backbone does not have "
+            f"(non-local or SE blocks?): {shown}"
+        )
+    load_backbone_state(model.backbone, backbone, source)
     stem_pool = getattr(model.backbone, "stem_pool", "fastreid")
     if stem_pool != "fastreid":
         log.warning(
