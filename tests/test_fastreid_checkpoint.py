@@ -156,6 +156,10 @@ def test_fastreid_gem_and_gemp_checkpoints_load(tmp_path):
     model = build_bot(num_classes=4, depth=18, pooling="gem", pretrained=str(tmp_path / "gem.pth"))
     assert float(model.head.pool.p) == 3.0
     assert torch.equal(model.head.bnneck.weight, source.head.bnneck.weight.half().float())
+    # eval.py / init_from: strict loading, a fixed GeM's p being no state on either side
+    module = ReIDModule(build_bot(num_classes=4, depth=18, pooling="gem"))
+    load_model_weights(module, load_model_checkpoint(tmp_path / "gem.pth")["state_dict"], source="gem", strict=True)
+    assert float(module.model.head.pool.p) == 3.0
 
 
 def test_init_from_and_eval_read_a_fastreid_checkpoint_as_module_weights(tmp_path, source_bot):

@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 
 from .backbones.pretrained import load_backbone_state
-from .pooling import GeneralizedMeanPooling
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +102,6 @@ def fastreid_to_baseline(state: Mapping[str, Tensor], source: str) -> dict[str, 
     return renamed
 
 
-def _is_fixed_fastreid_gem(pool: nn.Module) -> bool:
-    """True for a non-learnable GeM with fast-reid's fixed exponent 3 (fast-reid saves no state for it)."""
-    p = getattr(pool, "p", None)
-    return isinstance(pool, GeneralizedMeanPooling) and not isinstance(p, nn.Parameter) and float(p) == 3.0
-
-
 def load_fastreid_weights(model: nn.Module, obj: Any, source: str) -> None:
     """Load a fast-reid checkpoint into a :class:`~reid_lightning.modeling.Baseline` in place.
 
@@ -161,9 +154,7 @@ def load_fastreid_weights(model: nn.Module, obj: Any, source: str) -> None:
     dtype = head.bnneck.weight.dtype
     head.bnneck.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in neck.items()}, strict=False)
     pool = {k[len("head.pool.") :]: v.to(dtype) for k, v in state.items() if k.startswith("head.pool.")}
-    own_pool = head.pool.state_dict()
-    if not pool and _is_fixed_fastreid_gem(head.pool):
-        pool = own_pool  # fast-reid's GeneralizedMeanPooling keeps p = 3 as a plain attribute: nothing saved
+    own_pool = head.pool.state_dict()  # a fixed GeM's p is not state, as in fast-reid
     if pool.keys() != own_pool.keys():
         raise RuntimeError(
             f"The pooling of {source} ({_POOL}*: {sorted(pool) or 'none'}) does not match the model's "

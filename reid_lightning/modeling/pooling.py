@@ -28,7 +28,8 @@ class GeneralizedMeanPooling(nn.Module):
     Args:
         p: the exponent (3 in fast-reid).
         eps: lower clamp of the activations, keeping the power defined.
-        learnable: make ``p`` a trained parameter (fast-reid's GeM-P).
+        learnable: make ``p`` a trained parameter (fast-reid's GeM-P, saved in the state dict);
+            otherwise ``p`` is a non-persistent buffer (fast-reid's GeM saves nothing either).
 
     Called as ``pool(x)`` with x (N, C, H, W); returns (N, C).
     """
@@ -41,7 +42,8 @@ class GeneralizedMeanPooling(nn.Module):
         if learnable:
             self.p = nn.Parameter(torch.tensor(float(p)))
         else:
-            self.register_buffer("p", torch.tensor(float(p)))
+            # a constant of the config, not state: like fast-reid's GeM, nothing in the checkpoint
+            self.register_buffer("p", torch.tensor(float(p)), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         pooled = F.adaptive_avg_pool2d(x.clamp(min=self.eps).pow(self.p), 1)
