@@ -111,6 +111,14 @@ def test_weights_of_another_depth_name_the_depth_to_set(tmp_path, held, built):
         build_resnet(built, pretrained=str(path))
 
 
+@pytest.mark.parametrize("ibn_held", [True, False])
+def test_weights_with_or_without_ibn_name_the_setting(tmp_path, ibn_held):
+    path = tmp_path / "backbone.pth"
+    torch.save(build_resnet(18, with_ibn=ibn_held).state_dict(), path)
+    with pytest.raises(RuntimeError, match=f"set model.with_ibn={str(ibn_held).lower()}"):
+        build_resnet(18, with_ibn=not ibn_held, pretrained=str(path))
+
+
 def test_fp16_overflowed_running_statistics_are_clamped_with_a_warning(tmp_path, source18, caplog):
     half = {k: v.half() if v.is_floating_point() else v for k, v in source18.state_dict().items()}
     half["bn1.running_var"][5] = float("inf")

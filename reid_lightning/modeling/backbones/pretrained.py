@@ -270,6 +270,10 @@ def load_backbone_state(model: nn.Module, state: dict[str, Tensor], source: str)
         held, built = resnet_depth(state), resnet_depth(expected)
         if held is not None and held != built:
             problems.append(f"the file holds a ResNet-{held}, the model is a ResNet-{built}: set model.depth={held}")
+        ibn_held, ibn_built = (any(".IN." in key for key in keys) for keys in (state, expected))
+        if ibn_held != ibn_built:
+            kind = "an IBN-a ResNet" if ibn_held else "a ResNet without IBN"
+            problems.append(f"the file holds {kind}: set model.with_ibn={str(ibn_held).lower()}")
         raise RuntimeError(f"Cannot load backbone weights from {source}: " + "; ".join(problems))
     unexpected = [k for k in state if k not in expected]
     if unexpected:
