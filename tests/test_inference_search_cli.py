@@ -21,9 +21,9 @@ def _extract(ckpt: Path, source, output: Path) -> Path:
     }))
 
 
-def _search(index: Path, query, out: Path, top_k: int = 3) -> dict:
+def _search(index: Path, query, out: Path, top_k: int = 3, metric: str | None = "cosine") -> dict:
     run_search(OmegaConf.create({
-        "index": str(index), "query": query, "top_k": top_k, "metric": "cosine", "backend": "torch", "ckpt_path": None,
+        "index": str(index), "query": query, "top_k": top_k, "metric": metric, "backend": "torch", "ckpt_path": None,
         "device": "cpu", "batch_size": 8, "num_workers": 0, "skip_bad": False, "rank_lists": False,
         "rank_list_size": 10, "output_dir": str(out),
     }))
@@ -112,3 +112,28 @@ def test_extract_and_search_take_a_checkpoint_url(tiny_checkpoint, tiny_market_r
         assert str(saved["ckpt_path"]) == url  # as given, not made into a local path
     results = _search(index, str(tiny_market_root / "query"), tmp_path / "search", top_k=1)
     assert requested == [url, url] and all(hits[0][0] == query for query, hits in results.items())
+
+
+def test_search_ranks_with_the_checkpoints_metric_unless_told(tiny_checkpoint, tiny_market_root, tmp_path):
+    import torch
+
+    from reid_lightning.evaluation import compute_distance
+
+    ckpt = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    ckpt["reid_config"]["evaluation"]["metric"] = "euclidean"
+    euclidean_ckpt = tmp_path / "euclidean.ckpt"
+    torch.save(ckpt, euclidean_ckpt)
+    queries = tiny_market_root / "query"
+    index = run_extract(OmegaConf.create({
+        "ckpt_path": str(euclidean_ckpt), "input": str(queries), "output": str(tmp_path / "index.npz"),
+        "dtype": "float32", "normalize": False, "flip": None, "device": "cpu", "precision": "32", "batch_size": 8,
+        "num_workers": 0, "skip_bad": False, "progress": False,
+    }))
+    features = torch.from_numpy(np.load(index)["features"])
+    names = [str(n) for n in np.load(index)["paths"]]
+    for metric, expected in ((None, "euclidean"), ("cosine", "cosine")):
+        results = _search(index, str(queries), tmp_path / f"search_{metric}", top_k=len(names), metric=metric)
+        dist = compute_distance(features, features, expected)
+        first = names[0]
+        got = {name: d for name, d in results[first]}
+        assert all(got[name] == pytest.approx(float(dist[0, i]), abs=1e-4) for i, name in enumerate(names))

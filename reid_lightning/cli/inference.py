@@ -213,8 +213,10 @@ def run_search(cfg: DictConfig) -> Path:
     query = extractor.extract_folder(
         _plain(cfg.query), normalize=bool(index["normalized"]), num_workers=cfg.num_workers, skip_bad=cfg.skip_bad
     )
+    # the distance the checkpoint's run evaluated with, unless metric= is given
+    metric = cfg.metric or extractor.config.get("evaluation", {}).get("metric", "cosine")
     distances, indices = search_gallery(
-        query.features, torch.from_numpy(index["features"]), top_k=cfg.top_k, metric=cfg.metric,
+        query.features, torch.from_numpy(index["features"]), top_k=cfg.top_k, metric=metric,
         backend=cfg.backend, device=resolve_device(cfg.device),
     )
     out_dir = Path(cfg.output_dir)
