@@ -262,3 +262,10 @@ def test_truncated_checkpoint_is_named(tiny_ckpt: Path, tmp_path: Path) -> None:
     cut.write_bytes(tiny_ckpt.read_bytes()[:4096])
     with pytest.raises(ValueError, match=f"cannot read checkpoint {cut}: not a torch checkpoint, or truncated"):
         evaluate(compose_eval([f"ckpt_path={cut}"], tmp_path / "eval"))
+
+
+def test_eval_with_an_unknown_rank_list_order_fails_before_evaluating(tmp_path: Path) -> None:
+    # no checkpoint is read: the setting is refused first
+    cfg = compose_eval([f"ckpt_path={tmp_path / 'absent.ckpt'}", "rank_lists.order=random"], tmp_path / "eval")
+    with pytest.raises(ValueError, match="rank_lists.order must be worst, best or a list of query indices, got 'random'"):
+        evaluate(cfg)

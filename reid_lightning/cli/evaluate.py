@@ -68,6 +68,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         ``test_sets`` block with each set's when there are several.
     """
     output_dir = Path(cfg.paths.output_dir)
+    order = cfg.rank_lists.order
+    if isinstance(order, str) and order not in ("worst", "best"):  # found before the evaluation, not after it
+        raise ValueError(f"rank_lists.order must be worst, best or a list of query indices, got {order!r}")
     pl.seed_everything(cfg.seed, workers=True)
     ckpt = load_model_checkpoint(cfg.ckpt_path)
     saved = OmegaConf.create(ckpt["reid_config"] or {})
