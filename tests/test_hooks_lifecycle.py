@@ -153,19 +153,26 @@ def test_histograms_and_images_reach_tensorboard_and_are_then_cleared(tmp_path: 
     assert {(p.height, p.width) for p in pictures} == {(16, 8)}  # the (16, 8) weight as a 1-channel image
 
 
-def test_hook_scalars_reach_the_lightning_logger(tmp_path: Path) -> None:
-    class Put(HookBase):
-        def after_step(self) -> None:
-            self.trainer.storage.put_scalar("hook_metric", 10 * self.trainer.iter)
+class PutScalars(HookBase):
+    """Puts ``hook_metric`` (10 x iter) after every step and ``epoch_metric`` after every epoch."""
 
-        def after_epoch(self) -> None:
-            self.trainer.storage.put_scalar("epoch_metric", self.trainer.epoch, smoothing_hint=False)
+    def after_step(self) -> None:
+        self.trainer.storage.put_scalar("hook_metric", 10 * self.trainer.iter)
 
+    def after_epoch(self) -> None:
+        self.trainer.storage.put_scalar("epoch_metric", self.trainer.epoch, smoothing_hint=False)
+
+
+def logged_rows(tmp_path: Path, log_every_n_steps: int) -> list[dict[str, str]]:
+    """The CSV logger's rows of a 2-epoch TinyModule fit (3 steps each) with :class:`PutScalars`."""
     logger = CSVLogger(tmp_path, name="csv")
-    trainer = make_trainer(tmp_path, [Put()], logger=logger, log_every_n_steps=2)
-    trainer.fit(TinyModule(batches=3))
+    make_trainer(tmp_path, [PutScalars()], logger=logger, log_every_n_steps=log_every_n_steps).fit(TinyModule(batches=3))
     with open(Path(logger.log_dir) / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
+        return list(csv.DictReader(f))
+
+
+def test_hook_scalars_reach_the_lightning_logger(tmp_path: Path) -> None:
+    rows = logged_rows(tmp_path, log_every_n_steps=2)
     hook_rows = {int(r["step"]): float(r["hook_metric"]) for r in rows if r.get("hook_metric")}
     assert hook_rows == {1: 10.0, 3: 30.0, 5: 50.0}  # every log_every_n_steps=2 steps
     epoch_rows = {int(r["step"]): float(r["epoch_metric"]) for r in rows if r.get("epoch_metric")}
@@ -175,17 +182,7 @@ def test_hook_scalars_reach_the_lightning_logger(tmp_path: Path) -> None:
 
 def test_log_every_n_steps_0_sends_no_step_scalars_to_the_loggers(tmp_path: Path) -> None:
     # Lightning's log_every_n_steps=0 turns step logging off; the adapter sent every step instead
-    class Put(HookBase):
-        def after_step(self) -> None:
-            self.trainer.storage.put_scalar("hook_metric", 10 * self.trainer.iter)
-
-        def after_epoch(self) -> None:
-            self.trainer.storage.put_scalar("epoch_metric", self.trainer.epoch, smoothing_hint=False)
-
-    logger = CSVLogger(tmp_path, name="csv")
-    make_trainer(tmp_path, [Put()], logger=logger, log_every_n_steps=0).fit(TinyModule(batches=3))
-    with open(Path(logger.log_dir) / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = logged_rows(tmp_path, log_every_n_steps=0)
     assert not [r for r in rows if r.get("hook_metric") or r.get("lr") or r.get("data_time")]
     assert {int(r["step"]): float(r["epoch_metric"]) for r in rows if r.get("epoch_metric")} == {2: 0.0, 5: 1.0}
 
