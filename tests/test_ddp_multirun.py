@@ -199,11 +199,12 @@ def test_a_failed_ddp_job_does_not_break_the_next_one(demo_root, tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = run_script(
         "train.py", ["-m", *TINY, f"paths.data_dir={demo_root}", f"hydra.sweep.dir={sweep_dir}", "trainer=ddp_cpu",
-         "solver.base_lr=-1.0,3.5e-4"],
+         "model._target_=test_resume_faults.nan_bot", "+model.nan_at_step=0,1000000"],
         cwd=tmp_path, check=False, timeout=400,
     )
-    # the basic sweeper runs the whole batch, then exits non-zero for the failed job 0
-    assert proc.returncode == 1 and "Invalid learning rate" in proc.stdout + proc.stderr, explain(proc)
+    # job 0 fails inside its DDP fit (a NaN loss in every rank); the basic sweeper runs the whole
+    # batch, then exits non-zero for it
+    assert proc.returncode == 1 and "Loss became infinite or NaN" in proc.stdout + proc.stderr, explain(proc)
     assert not (sweep_dir / "0" / "metrics.json").exists()
     assert (sweep_dir / "1" / "metrics.json").is_file(), explain(proc)
     rows = table_rows((sweep_dir / "summary.md").read_text())

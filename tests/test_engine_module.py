@@ -223,3 +223,45 @@ def test_module_names_an_unnormalised_batch(tiny_data) -> None:
     module = ReIDModule(build_bot(num_classes=tiny_data.num_classes, depth=18, pretrained="none"))
     with pytest.raises(TypeError, match="normalize_on_device"):
         module.training_step(batch, 0)
+
+
+@pytest.mark.parametrize(
+    ("solver", "message"),
+    [
+        ({"optimizer": "adam"}, r"solver.optimizer must be one of Adam, AdamW, SGD \(did you mean 'Adam'\?\), got 'adam'"),
+        ({"base_lr": -0.1}, r"solver.base_lr must be > 0, got -0.1"),
+        ({"milestones": [9, 3]}, r"solver.milestones must be strictly increasing epochs, got \(9, 3\)"),
+        ({"milestones": [40, 40]}, r"solver.milestones must be strictly increasing epochs"),
+        ({"milestones": 5}, r"solver.milestones must be a list of epochs, e.g. \[40, 90\], got 5"),
+        ({"milestones": None}, r"solver.milestones must be a list of epochs.*got None"),
+        ({"base_lr": "abc"}, r"solver.base_lr must be a number, got 'abc'"),
+        ({"warmup_iters": 2.5}, r"solver.warmup_iters must be an integer, got 2.5"),
+        ({"nesterov": "yes"}, r"solver.nesterov must be true or false"),
+        ({"milestones": [0, 3]}, r"solver.milestones must be epochs >= 1"),
+        ({"gamma": 0}, r"solver.gamma must be > 0"),
+        ({"warmup_iters": -5}, r"solver.warmup_iters must be >= 0"),
+        ({"weight_decay_bias": -1e-4}, r"solver.weight_decay_bias must be >= 0"),
+        ({"max_epochs": 0}, r"solver.max_epochs must be >= 1"),
+        ({"max_epochs": -2}, r"solver.max_epochs must be >= 1 \(or -1: no epoch limit"),
+        ({"milestones_from": "warmup"}, r"solver.milestones_from must be one of after_warmup, start, got 'warmup'"),
+        ({"optimizer": "SGD", "nesterov": True, "momentum": 0}, r"solver.nesterov=true needs solver.momentum > 0"),
+    ],
+)
+def test_a_bad_solver_value_is_an_error_naming_its_key(solver, message):
+    with pytest.raises(ValueError, match=message):
+        ReIDModule(build_bot(num_classes=2, depth=18), solver=solver)
+
+
+def test_a_bad_solver_value_fails_the_run_before_the_data_is_read(tmp_path):
+    from reid_lightning.cli.train import train
+
+    cfg = compose_train(["solver.gamma=0", f"paths.data_dir={tmp_path / 'absent'}"], output_dir=tmp_path / "out")
+    with pytest.raises(ValueError, match="solver.gamma must be > 0"):
+        train(cfg)
+    assert not (tmp_path / "absent").exists()  # the demo set was not generated
+
+
+def test_solver_max_epochs_minus_one_leaves_the_length_to_max_steps():
+    assert ReIDModule(build_bot(num_classes=2, depth=18), solver={"max_epochs": -1}).solver.max_epochs == -1
+    # eval_period null: trainer.check_val_every_n_epoch=None, validation by trainer.val_check_interval steps
+    assert ReIDModule(build_bot(num_classes=2, depth=18), solver={"eval_period": None}).solver.eval_period is None

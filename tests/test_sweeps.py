@@ -182,8 +182,8 @@ def test_sweep_writes_a_summary_with_the_failed_job(demo_root, tmp_path):
         "train.py", ["-m", *TINY, f"paths.data_dir={demo_root}", f"hydra.sweep.dir={sweep_dir}", "solver.base_lr=3.5e-4,-1.0"],
         cwd=tmp_path, check=False, threads=2, timeout=400,
     )
-    # Hydra's basic sweeper stops at the failed job (Adam refuses lr=-1) and exits non-zero
-    assert proc.returncode != 0 and "Invalid learning rate" in proc.stderr + proc.stdout, explain(proc)
+    # Hydra's basic sweeper stops at the failed job (lr=-1 is refused) and exits non-zero
+    assert proc.returncode != 0 and "solver.base_lr must be > 0, got -1.0" in proc.stderr + proc.stdout, explain(proc)
     metrics = json.loads((sweep_dir / "0" / "metrics.json").read_text())
     rows = table_rows((sweep_dir / "summary.md").read_text())
     assert rows[0] == ["job", "solver.base_lr", "Rank-1", "mAP", "mINP", "status"]

@@ -19,7 +19,21 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
+from reid_lightning.engine.optim import MILESTONES_FROM
+
 _Settings = TypeVar("_Settings", "SolverSettings", "EvaluationSettings")
+
+# solver.optimizer: the names build_optimizer knows (torch's class names, case-sensitive)
+OPTIMIZERS = ("Adam", "AdamW", "SGD")
+
+
+# the type each solver setting must have (an int is a float too), by the dataclass annotation
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {"float": (int, float), "int": int, "bool": bool, "str": str}
+_TYPE_NAMES = {(int, float): "a number", int: "an integer", bool: "true or false", str: "a string"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
 
 
 def _from_mapping(cls: type[_Settings], values: Mapping[str, Any], group: str) -> _Settings:
@@ -62,10 +76,52 @@ class SolverSettings:
         """Settings from a ``solver`` mapping; missing keys keep the defaults.
 
         Raises:
-            ValueError: naming any key that is not a solver setting.
+            ValueError: naming any key that is not a solver setting, or a bad value (see :meth:`check`).
         """
         settings = _from_mapping(cls, values, "solver")
-        return dataclasses.replace(settings, milestones=tuple(int(m) for m in settings.milestones))
+        milestones = settings.milestones
+        if milestones is None or isinstance(milestones, (int, float, str)) or not all(_is_int(m) for m in milestones):
+            raise ValueError(f"solver.milestones must be a list of epochs, e.g. [40, 90], got {milestones!r}")
+        settings = dataclasses.replace(settings, milestones=tuple(int(m) for m in milestones))
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Fail on a value that cannot train (or would silently not train as meant), naming its key.
+
+        Raises:
+            ValueError: ``solver.<key> must ..., got <value>`` for the first bad setting.
+        """
+        if self.optimizer not in OPTIMIZERS:
+            hint = next((f" (did you mean {name!r}?)" for name in OPTIMIZERS if name.lower() == str(self.optimizer).lower()), "")
+            raise ValueError(f"solver.optimizer must be one of {', '.join(OPTIMIZERS)}{hint}, got {self.optimizer!r}")
+        for field in dataclasses.fields(self):
+            value, kind = getattr(self, field.name), _FIELD_TYPES.get(field.type)
+            if field.name == "eval_period" and value is None:  # check_val_every_n_epoch=None: by val_check_interval
+                continue
+            if kind is not None and not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
+                raise ValueError(f"solver.{field.name} must be {_TYPE_NAMES[kind]}, got {value!r}")
+        rules = [
+            ("base_lr", self.base_lr > 0, "be > 0"),
+            ("weight_decay", self.weight_decay >= 0, "be >= 0"),
+            ("weight_decay_norm", self.weight_decay_norm >= 0, "be >= 0"),
+            ("weight_decay_bias", self.weight_decay_bias >= 0, "be >= 0"),
+            ("bias_lr_factor", self.bias_lr_factor > 0, "be > 0"),
+            ("momentum", self.momentum >= 0, "be >= 0"),
+            ("max_epochs", self.max_epochs >= 1 or self.max_epochs == -1, "be >= 1 (or -1: no epoch limit, as in Lightning)"),
+            ("warmup_iters", self.warmup_iters >= 0, "be >= 0 (0: no warmup)"),
+            ("warmup_factor", self.warmup_factor >= 0, "be >= 0 (the LR multiplier at the first step)"),
+            ("gamma", self.gamma > 0, "be > 0 (the LR multiplier at each milestone; 0 would stop training there)"),
+            ("milestones", all(m >= 1 for m in self.milestones), "be epochs >= 1"),
+            ("milestones", all(a < b for a, b in zip(self.milestones, self.milestones[1:])),
+             "be strictly increasing epochs"),
+            ("milestones_from", self.milestones_from in MILESTONES_FROM, f"be one of {', '.join(MILESTONES_FROM)}"),
+        ]
+        for key, ok, rule in rules:
+            if not ok:
+                raise ValueError(f"solver.{key} must {rule}, got {getattr(self, key)!r}")
+        if self.optimizer == "SGD" and self.nesterov and self.momentum <= 0:
+            raise ValueError(f"solver.nesterov=true needs solver.momentum > 0 (SGD), got {self.momentum!r}")
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`reid_lightning.engine.optim.build_optimizer`."""
