@@ -174,6 +174,24 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(small_demo_
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_a_nan_loss_is_caught_before_a_step_checkpoint_saves_its_weights(small_demo_root: Path, tmp_path: Path) -> None:
+    # last.ckpt after every optimizer step, the losses read only every 50 steps: the save after
+    # the NaN step (its weights updated with NaN gradients) must fail instead of writing them
+    nan_step = STEPS_PER_EPOCH + 2
+    cfg = compose_train(
+        [*TINY, "data.num_workers=0", "hooks=none", "logger=csv", f"paths.data_dir={small_demo_root}",
+         "trainer.log_every_n_steps=50", "callbacks.last_checkpoint.every_n_epochs=null",
+         "+callbacks.last_checkpoint.every_n_train_steps=1",
+         "model._target_=test_resume_faults.nan_bot", f"+model.nan_at_step={nan_step}"],
+        output_dir=tmp_path,
+    )
+    with pytest.raises(FloatingPointError, match=rf"iteration {nan_step} \(epoch 1\): loss_cls=nan"):
+        train(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == nan_step  # the weights before the NaN step
+    assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values() if t.is_floating_point())
+
+
 def test_resume_names_the_missing_checkpoint(tmp_path: Path) -> None:
     cfg = compose_train(["resume=true"], output_dir=tmp_path / "run")
     missing = tmp_path / "run" / "checkpoints" / "last.ckpt"

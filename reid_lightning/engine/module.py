@@ -93,8 +93,8 @@ class ReIDModule(pl.LightningModule):
         outputs = self.model(_model_input(batch))
         loss_dict = self.model.losses(outputs, batch["targets"])
         total = sum(loss_dict.values())
-        # kept unread; read (and failed) every log_every_n_steps and before validation, checkpoints
-        # and the end of training (every step when no trainer drives the module)
+        # kept unread; read (and failed) every log_every_n_steps and before validation, every
+        # checkpoint (on_save_checkpoint) and the end of training (every step when no trainer drives the module)
         self.loss_watch.update(self.global_step, self.current_epoch, total, loss_dict)
         metrics = {}
         if isinstance(outputs, Mapping) and "cls_logits" in outputs:  # fast-reid's log_accuracy, top-1, on device
@@ -264,7 +264,14 @@ class ReIDModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the run config as plain containers (loadable with ``weights_only=True``)."""
+        """Store the run config as plain containers (loadable with ``weights_only=True``).
+
+        Raises:
+            FloatingPointError: a training loss since the last read was not finite: the weights
+                may hold NaNs, and Lightning writes the checkpoint only after this hook (a
+                ModelCheckpoint saving every N steps would otherwise overwrite ``last.ckpt`` with them).
+        """
+        self.loss_watch.check()
         if self.cfg is not None:
             cfg = self.cfg
             checkpoint["reid_config"] = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
