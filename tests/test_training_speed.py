@@ -488,3 +488,17 @@ def test_the_old_prog_bar_variant_puts_only_the_training_loss_on_lightnings_bar(
     patched(None, "train/total_loss", 1.0, batch_size=8)
     patched(None, "train/loss_cls", 1.0, batch_size=8)
     assert calls == [("train/total_loss", {"batch_size": 8, "prog_bar": True}), ("train/loss_cls", {"batch_size": 8})]
+
+
+@pytest.mark.slow
+def test_benchmark_train_stdout_holds_only_its_json_lines(tmp_path: Path) -> None:
+    # `benchmark_train.py ... | jq` or `> results.jsonl`: the fit's progress bar goes to stderr
+    proc = run_script(
+        "benchmark_train.py",
+        ["--mode", "fit", "--model", "bot_r18", "--height", "32", "--width", "16", "--batch", "8", "--iters", "2",
+         "--warmup", "1", "--workers", "0", "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out"),
+         *SMALL_DEMO],
+        cwd=tmp_path,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert [json.loads(line)["mode"] for line in lines] == ["step", "fit"], proc.stdout

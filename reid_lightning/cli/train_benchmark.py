@@ -408,7 +408,8 @@ def time_fit(cfg: DictConfig, iters: int, warmup: int, last_checkpoint: bool = F
     module = ReIDModule(model, solver=cfg.solver, cfg=None)
     syncs = CudaSyncRecorder(_device(cfg)) if sync_debug else None
     clock = _FitClock(start=max(0, warmup - 1), end=max(0, warmup - 1) + iters, syncs=syncs)
-    callbacks = [IntervalRichProgressBar(), *build_hooks(cfg.get("hooks")), clock]
+    # the bar draws on stderr: stdout holds only the script's JSON lines (`| jq`, `> results.jsonl`)
+    callbacks = [IntervalRichProgressBar(console_kwargs={"stderr": True}), *build_hooks(cfg.get("hooks")), clock]
     if last_checkpoint:  # the config's own last.ckpt callback, under cfg.paths.output_dir
         callbacks.append(instantiate(cfg.callbacks.last_checkpoint))
     with open_dict(cfg):
