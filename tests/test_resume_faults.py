@@ -297,3 +297,29 @@ def test_a_seeded_item_ignores_and_keeps_the_global_generator(tmp_path: Path) ->
     torch.manual_seed(1)
     assert torch.equal(a, b) and torch.equal(torch.rand(1), after_a)  # the global stream went on untouched
     assert not all(torch.equal(a, dataset[(0, seed)]["images"]) for seed in range(4))
+
+
+def test_resume_keeps_the_optimizer_its_checkpoint_state_belongs_to(tmp_path: Path, caplog) -> None:
+    from reid_lightning.engine.module import ReIDModule
+    from reid_lightning.engine.optim import build_optimizer
+    from reid_lightning.engine.settings import SolverSettings
+
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    saved = compose_train(["solver.optimizer=SGD"], output_dir=tmp_path)
+    model = build_bot(num_classes=3, depth=18, pretrained="none")
+    sgd = build_optimizer(model, **SolverSettings.from_mapping(saved.solver).optimizer_kwargs())
+    torch.save({"global_step": 4, "state_dict": {}, "reid_config": OmegaConf.to_container(saved, resolve=True)}, last)
+    cfg = compose_train(["resume=true"], output_dir=tmp_path)  # solver.optimizer: Adam
+    with caplog.at_level(logging.WARNING, logger="reid_lightning.checkpointing.resume"):
+        plan = ResumePlan.from_config(cfg)
+    assert plan.held_settings == {"solver.optimizer": "SGD"}
+    assert "solver.optimizer: not applied when resuming" in caplog.text
+    plan.keep_held_settings(cfg)
+    # the module the run builds takes the saved optimizer state and steps with it
+    optimizer = build_optimizer(model, **ReIDModule(model, solver=cfg.solver).solver.optimizer_kwargs())
+    optimizer.load_state_dict(sgd.state_dict())
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param) if param.requires_grad else None
+    optimizer.step()
+    assert isinstance(optimizer, torch.optim.SGD)

@@ -29,7 +29,7 @@ and global step; the identity sampler gets the epoch through ``set_epoch``) and 
   WandbLogger keeps the run id of its latest run under ``save_dir/wandb`` (``resume="allow"``);
 * a warning listing the ``model``/``data``/``solver``/``seed`` settings that differ from the
   checkpoint's run, and a second one naming those among them that the restored optimizer and LR
-  scheduler state overrides (learning rate, weight decay, momentum: the checkpoint's stay).
+  scheduler state overrides (optimizer, learning rate, weight decay, momentum: the checkpoint's stay).
 """
 from __future__ import annotations
 
@@ -64,10 +64,12 @@ log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.ckpt"
 # config groups whose change between the checkpoint's run and the resumed run is worth a warning
 _COMPARED_KEYS = ("model", "data", "solver", "seed")
-# settings the checkpoint's optimizer state (param groups: lr, weight decay, momentum) and LR
-# scheduler state (base_lrs) hold: a resumed run keeps the checkpoint's values of these
+# settings the checkpoint's optimizer state (its kind; param groups: lr, weight decay, momentum) and
+# LR scheduler state (base_lrs) hold: a resumed run keeps the checkpoint's values of these (another
+# optimizer class would take the saved groups' settings of the first: SGD from an Adam state fails
+# at its first step with KeyError: 'momentum')
 _HELD_BY_OPTIMIZER_STATE = (
-    "solver.base_lr", "solver.bias_lr_factor", "solver.weight_decay", "solver.weight_decay_norm",
+    "solver.optimizer", "solver.base_lr", "solver.bias_lr_factor", "solver.weight_decay", "solver.weight_decay_norm",
     "solver.weight_decay_bias", "solver.momentum", "solver.nesterov",
 )
 # a W&B run dir: (offline-)run-<date>_<time>-<run id>
@@ -83,7 +85,7 @@ class ResumePlan:
         resume_step: the checkpoint's global step when the run continues in place (its loggers
             go on), else None.
         held_settings: the checkpoint's values of the settings its optimizer and LR-scheduler
-            state hold (learning rate, weight decay, momentum) where the config differs: the
+            state hold (optimizer, learning rate, weight decay, momentum) where the config differs: the
             restored run trains with these (:meth:`keep_held_settings` puts them in the config).
     """
 
@@ -124,7 +126,7 @@ class ResumePlan:
         return cls(str(path), int(checkpoint["global_step"]) if in_place else None, held)
 
     def keep_held_settings(self, cfg: DictConfig) -> None:
-        """Set ``cfg``'s learning rate, weight decay and momentum settings back to the
+        """Set ``cfg``'s optimizer, learning rate, weight decay and momentum settings back to the
         checkpoint's values where they differ (:attr:`held_settings`): the restored optimizer and
         LR scheduler state trains with those, so the module, the logged hyper-parameters and the
         next checkpoint's config say what the run does."""
