@@ -2,6 +2,7 @@
 background thread, errors raised at the next call."""
 from __future__ import annotations
 
+import sys
 import threading
 from pathlib import Path
 
@@ -84,8 +85,11 @@ def test_a_failed_write_is_raised_by_the_next_call_and_stops_later_writes(tmp_pa
     monkeypatch.setattr(atomic_io, "atomic_torch_save", full_disk)
     io.save_checkpoint(checkpoint(1.0), tmp_path / "last.ckpt")
     io._last.result()
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(OSError, match="No space left on device") as raised:
         io.save_checkpoint(checkpoint(2.0), tmp_path / "last.ckpt")
+    # raised by the next save: the error names the write that failed
+    if sys.version_info >= (3, 11):  # exception notes
+        assert f"writing checkpoint {tmp_path / 'last.ckpt'}" in "".join(raised.value.__notes__)
     io.save_checkpoint(checkpoint(3.0), tmp_path / "last.ckpt")  # raised once; the run decides
     with pytest.raises(OSError, match="No space left on device"):
         io.teardown()

@@ -51,11 +51,11 @@ class AsyncAtomicCheckpointIO(AtomicCheckpointIO):
             BaseException: the error of an earlier write or removal that failed.
         """
         snapshot = apply_to_collection(checkpoint, torch.Tensor, _host_copy)
-        self._submit(AtomicCheckpointIO.save_checkpoint, self, snapshot, path, storage_options)
+        self._submit(f"writing checkpoint {path}", AtomicCheckpointIO.save_checkpoint, self, snapshot, path, storage_options)
 
     def remove_checkpoint(self, path: Any) -> None:
         """Queue the removal of ``path`` after the writes asked for before it."""
-        self._submit(AtomicCheckpointIO.remove_checkpoint, self, path)
+        self._submit(f"removing checkpoint {path}", AtomicCheckpointIO.remove_checkpoint, self, path)
 
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Wait for the writes in flight, then load ``path``."""
@@ -82,18 +82,22 @@ class AsyncAtomicCheckpointIO(AtomicCheckpointIO):
                 self._executor.shutdown(wait=True)
                 self._executor = None
 
-    def _submit(self, call: Callable[..., None], *args: Any) -> None:
+    def _submit(self, what: str, call: Callable[..., None], *args: Any) -> None:
         self._raise_error()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint_io")
-        self._last = self._executor.submit(self._run, call, *args)
+        self._last = self._executor.submit(self._run, what, call, *args)
 
-    def _run(self, call: Callable[..., None], *args: Any) -> None:
+    def _run(self, what: str, call: Callable[..., None], *args: Any) -> None:
         if self._error is not None:  # an earlier write failed: later ones would build on it
             return
         try:
             call(*args)
         except BaseException as error:  # noqa: BLE001 - handed to the training thread at its next call
+            # raised later, by another call: say which write it was (Python >= 3.11)
+            if hasattr(error, "add_note"):
+                error.add_note(f"(raised in the background thread of AsyncAtomicCheckpointIO, {what}; "
+                               "async_checkpoints=false writes in the training step instead)")
             self._error = error
 
     def _raise_error(self) -> None:
