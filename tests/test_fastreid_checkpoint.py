@@ -178,6 +178,15 @@ def test_a_file_neither_ours_nor_fastreids_is_named(tmp_path):
         load_model_checkpoint(path)
 
 
+def test_resuming_from_a_fastreid_checkpoint_points_to_init_from(tmp_path, source_bot):
+    from reid_lightning.checkpointing.resume import ResumePlan
+
+    path = write_fastreid_checkpoint(source_bot, tmp_path / "model_final.pth")
+    cfg = compose_train([f"ckpt_path={path}"], output_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match=f"{path} is a fast-reid checkpoint.*pass init_from={path}"):
+        ResumePlan.from_config(cfg)
+
+
 def reference_features() -> tuple[list[str], torch.Tensor]:
     saved = np.load(REFERENCE / "features.npz")
     return [str(p) for p in saved["paths"]], torch.from_numpy(saved["features"])

@@ -65,10 +65,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             names the checkpoint files in it).
         ValueError: the file holds arbitrary pickled objects (refused, not executed), is not
             a torch checkpoint or is truncated, or it is not a reid_lightning checkpoint (no
-            ``state_dict`` / ``reid_config``).
+            ``state_dict`` / ``reid_config``; a fast-reid one is named as such, with ``init_from``).
     """
     path = Path(path)
     ckpt = _read(path)
+    if not _is_ours(ckpt) and is_fastreid_checkpoint(ckpt):
+        raise ValueError(
+            f"{path} is a fast-reid checkpoint: it holds model weights only, no trainer state to resume "
+            f"from; to train from its weights pass init_from={path} (ckpt_path= resumes a run of scripts/train.py)"
+        )
     if not _is_ours(ckpt):
         raise ValueError(
             f"{path} is not a reid_lightning checkpoint: it lacks 'state_dict' or 'reid_config' "
