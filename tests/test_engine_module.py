@@ -252,11 +252,32 @@ def test_a_bad_solver_value_is_an_error_naming_its_key(solver, message):
         ReIDModule(build_bot(num_classes=2, depth=18), solver=solver)
 
 
+@pytest.mark.parametrize(
+    ("evaluation", "message"),
+    [
+        ({"metric": "cosin"}, r"evaluation.metric must be one of cosine, euclidean, got 'cosin'"),
+        ({"flip": "yes"}, r"evaluation.flip must be true or false, got 'yes'"),
+        ({"aqe_k": 0}, r"evaluation.aqe_k must be >= 1, got 0"),
+        ({"rerank_k1": 2.5}, r"evaluation.rerank_k1 must be an integer, got 2.5"),
+        ({"rerank_lambda": 1.5}, r"evaluation.rerank_lambda must lie in \[0, 1\], got 1.5"),
+        ({"max_rank": 0}, r"evaluation.max_rank must be >= 1"),
+        ({"tpr_fprs": [0.01, 0]}, r"evaluation.tpr_fprs must be false-positive rates in \(0, 1\], got \(0.01, 0\)"),
+        ({"max_chunk_mb": 0}, r"evaluation.max_chunk_mb must be > 0"),
+    ],
+)
+def test_a_bad_evaluation_value_is_an_error_naming_its_key(evaluation, message):
+    with pytest.raises(ValueError, match=message):
+        ReIDModule(build_bot(num_classes=2, depth=18), evaluation=evaluation)
+
+
 def test_a_bad_solver_value_fails_the_run_before_the_data_is_read(tmp_path):
     from reid_lightning.cli.train import train
 
     cfg = compose_train(["solver.gamma=0", f"paths.data_dir={tmp_path / 'absent'}"], output_dir=tmp_path / "out")
     with pytest.raises(ValueError, match="solver.gamma must be > 0"):
+        train(cfg)
+    cfg = compose_train(["evaluation.aqe_k=0", f"paths.data_dir={tmp_path / 'absent'}"], output_dir=tmp_path / "out")
+    with pytest.raises(ValueError, match="evaluation.aqe_k must be >= 1"):
         train(cfg)
     assert not (tmp_path / "absent").exists()  # the demo set was not generated
 

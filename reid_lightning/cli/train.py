@@ -39,7 +39,7 @@ from reid_lightning.engine.model_speed import (
     trains_on_gpu,
 )
 from reid_lightning.engine.module import ReIDModule
-from reid_lightning.engine.settings import SolverSettings
+from reid_lightning.engine.settings import EvaluationSettings, SolverSettings
 from reid_lightning.launch.hydra_ddp import hydra_job_ddp
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     resume = ResumePlan.from_config(cfg)  # fails early when the checkpoint to resume from is missing
     resume.keep_held_settings(cfg)  # the learning rate etc. that the restored optimizer state holds
-    SolverSettings.from_mapping(cfg.solver)  # a bad solver value fails here, named, before any data is read
+    # a bad solver or evaluation value fails here, named, before any data is read
+    SolverSettings.from_mapping(cfg.solver)
+    EvaluationSettings.from_mapping(cfg.evaluation)
     if pl.utilities.rank_zero_only.rank == 0:
         print_config_tree(cfg, save_to=output_dir / "config_tree.log")
 

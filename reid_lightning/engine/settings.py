@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 
 from reid_lightning.engine.optim import MILESTONES_FROM
+from reid_lightning.evaluation.distance import METRICS as DISTANCE_METRICS
 
 _Settings = TypeVar("_Settings", "SolverSettings", "EvaluationSettings")
 
@@ -34,6 +35,24 @@ _TYPE_NAMES = {(int, float): "a number", int: "an integer", bool: "true or false
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
+
+
+def _check_types(settings: Any, group: str, nullable: tuple[str, ...] = ()) -> None:
+    """Fail on a setting whose value is not of its annotated type (``true`` for a number, ``'yes'``
+    for a bool...), naming ``<group>.<key>``; the keys in ``nullable`` may also be None."""
+    for field in dataclasses.fields(settings):
+        value, kind = getattr(settings, field.name), _FIELD_TYPES.get(field.type)
+        if field.name in nullable and value is None:
+            continue
+        if kind is not None and not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
+            raise ValueError(f"{group}.{field.name} must be {_TYPE_NAMES[kind]}, got {value!r}")
+
+
+def _check_rules(settings: Any, group: str, rules: list[tuple[str, bool, str]]) -> None:
+    """Fail on the first ``(key, holds, rule)`` that does not hold: ``<group>.<key> must <rule>, got <value>``."""
+    for key, ok, rule in rules:
+        if not ok:
+            raise ValueError(f"{group}.{key} must {rule}, got {getattr(settings, key)!r}")
 
 
 def _from_mapping(cls: type[_Settings], values: Mapping[str, Any], group: str) -> _Settings:
@@ -95,12 +114,7 @@ class SolverSettings:
         if self.optimizer not in OPTIMIZERS:
             hint = next((f" (did you mean {name!r}?)" for name in OPTIMIZERS if name.lower() == str(self.optimizer).lower()), "")
             raise ValueError(f"solver.optimizer must be one of {', '.join(OPTIMIZERS)}{hint}, got {self.optimizer!r}")
-        for field in dataclasses.fields(self):
-            value, kind = getattr(self, field.name), _FIELD_TYPES.get(field.type)
-            if field.name == "eval_period" and value is None:  # check_val_every_n_epoch=None: by val_check_interval
-                continue
-            if kind is not None and not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
-                raise ValueError(f"solver.{field.name} must be {_TYPE_NAMES[kind]}, got {value!r}")
+        _check_types(self, "solver", nullable=("eval_period",))  # eval_period null: by val_check_interval
         rules = [
             ("base_lr", self.base_lr > 0, "be > 0"),
             ("weight_decay", self.weight_decay >= 0, "be >= 0"),
@@ -117,9 +131,7 @@ class SolverSettings:
              "be strictly increasing epochs"),
             ("milestones_from", self.milestones_from in MILESTONES_FROM, f"be one of {', '.join(MILESTONES_FROM)}"),
         ]
-        for key, ok, rule in rules:
-            if not ok:
-                raise ValueError(f"solver.{key} must {rule}, got {getattr(self, key)!r}")
+        _check_rules(self, "solver", rules)
         if self.optimizer == "SGD" and self.nesterov and self.momentum <= 0:
             raise ValueError(f"solver.nesterov=true needs solver.momentum > 0 (SGD), got {self.momentum!r}")
 
@@ -177,7 +189,31 @@ class EvaluationSettings:
                 f"evaluation.precision must be one of {list(EVAL_PRECISIONS)} (32: float32 features with autocast "
                 f"off; autocast: the trainer's mixed precision), got {precision!r}"
             )
-        return dataclasses.replace(settings, precision=precision, tpr_fprs=tuple(settings.tpr_fprs or ()))
+        settings = dataclasses.replace(settings, precision=precision, tpr_fprs=tuple(settings.tpr_fprs or ()))
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Fail on a value the evaluation cannot use, naming its key (at set-up, not at the first
+        validation after an epoch of training).
+
+        Raises:
+            ValueError: ``evaluation.<key> must ..., got <value>`` for the first bad setting.
+        """
+        _check_types(self, "evaluation")
+        fprs = self.tpr_fprs
+        _check_rules(self, "evaluation", [
+            ("metric", self.metric in DISTANCE_METRICS, f"be one of {', '.join(DISTANCE_METRICS)}"),
+            ("rerank_k1", self.rerank_k1 >= 1, "be >= 1"),
+            ("rerank_k2", self.rerank_k2 >= 1, "be >= 1"),
+            ("rerank_lambda", 0 <= self.rerank_lambda <= 1, "lie in [0, 1]"),
+            ("aqe_alpha", self.aqe_alpha >= 0, "be >= 0"),
+            ("aqe_k", self.aqe_k >= 1, "be >= 1"),
+            ("max_rank", self.max_rank >= 1, "be >= 1"),
+            ("tpr_fprs", all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1 for f in fprs),
+             "be false-positive rates in (0, 1]"),
+            ("max_chunk_mb", self.max_chunk_mb > 0, "be > 0"),
+        ])
 
     def metric_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`reid_lightning.evaluation.ReIDMetric` (without ``keep_outputs``)."""
