@@ -269,3 +269,13 @@ def test_eval_with_an_unknown_rank_list_order_fails_before_evaluating(tmp_path: 
     cfg = compose_eval([f"ckpt_path={tmp_path / 'absent.ckpt'}", "rank_lists.order=random"], tmp_path / "eval")
     with pytest.raises(ValueError, match="rank_lists.order must be worst, best or a list of query indices, got 'random'"):
         evaluate(cfg)
+
+
+@pytest.mark.parametrize("script", ["train", "eval"])
+def test_a_seed_that_is_not_an_integer_is_named(tmp_path: Path, script: str) -> None:
+    if script == "train":
+        cfg, run = compose_train(["seed=abc", f"paths.data_dir={tmp_path / 'absent'}"], output_dir=tmp_path), train
+    else:
+        cfg, run = compose_eval([f"ckpt_path={tmp_path / 'absent.ckpt'}", "seed=abc"], tmp_path / "eval"), evaluate
+    with pytest.raises(TypeError, match="seed must be an integer, got 'abc'"):
+        run(cfg)

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -31,6 +30,7 @@ from reid_lightning.cli.train import (
     build_datamodule,
     build_trainer,
     report_test_metrics,
+    seed_run,
     write_metrics,
 )
 from reid_lightning.data.samples import Sample
@@ -71,7 +71,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     order = cfg.rank_lists.order
     if isinstance(order, str) and order not in ("worst", "best"):  # found before the evaluation, not after it
         raise ValueError(f"rank_lists.order must be worst, best or a list of query indices, got {order!r}")
-    pl.seed_everything(cfg.seed, workers=True)
+    seed_run(cfg)
     ckpt = load_model_checkpoint(cfg.ckpt_path)
     saved = OmegaConf.create(ckpt["reid_config"] or {})
     missing = [group for group in ("model", "data") if not _whole_group(cfg, group) and saved.get(group) is None]

@@ -48,6 +48,18 @@ log = logging.getLogger(__name__)
 METRIC_NAMES = {"rank1": "Rank-1", "rank5": "Rank-5", "rank10": "Rank-10", "mAP": "mAP", "mINP": "mINP"}
 
 
+def seed_run(cfg: DictConfig) -> int:
+    """Seed python, numpy and torch (and the loader workers) with ``cfg.seed``; returns it.
+
+    Raises:
+        TypeError: ``seed`` is not an integer (``seed=abc``), naming it.
+    """
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    return pl.seed_everything(seed, workers=True)
+
+
 def resolve_precision(precision: Any, accelerator: str) -> Any:
     """Turn ``precision: auto`` into bf16-mixed (or 16-mixed) on a GPU and 32 elsewhere."""
     if precision != "auto":
@@ -243,7 +255,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         validation split.
     """
     output_dir = Path(cfg.paths.output_dir)
-    pl.seed_everything(cfg.seed, workers=True)
+    seed_run(cfg)
     resume = ResumePlan.from_config(cfg)  # fails early when the checkpoint to resume from is missing
     resume.keep_held_settings(cfg)  # the learning rate etc. that the restored optimizer state holds
     # a bad solver or evaluation value fails here, named, before any data is read
