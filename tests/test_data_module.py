@@ -11,6 +11,11 @@ import torch
 from conftest import compose_train
 from hydra.utils import instantiate
 from PIL import Image
+from pytorch_lightning.plugins.precision import (
+    DoublePrecision,
+    HalfPrecision,
+    MixedPrecision,
+)
 
 from reid_lightning.data import (
     BalancedIdentitySampler,
@@ -290,6 +295,23 @@ def test_normalize_on_device_auto_follows_the_trainers_device(data_root: Path) -
     assert make_datamodule(data_root, normalize_on_device=True).normalizes_on_device() is True
     with pytest.raises(ValueError, match="data.normalize_on_device must be true, false or auto, got 'yes'"):
         make_datamodule(data_root, normalize_on_device="yes")
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16-true", torch.bfloat16), ("64-true", torch.float64), ("bf16-mixed", torch.float32)])
+def test_images_normalised_on_device_get_the_precision_plugins_input_type(data_root: Path, precision, dtype) -> None:
+    # Lightning casts a batch to a "-true" precision's dtype before the transfer, while the images
+    # are still uint8: without the cast after normalising, a bf16 model got float32 images and failed
+    plugin = {"bf16-true": lambda: HalfPrecision("bf16-true"), "64-true": DoublePrecision,
+              "bf16-mixed": lambda: MixedPrecision("bf16-mixed", "cpu")}[precision]()
+    dm = make_datamodule(data_root, normalize_on_device=True)
+    raw = next(iter(dm.build_train_loader(0, 1, epoch=1)))
+    expected = dm.on_after_batch_transfer(dict(raw), 0)["images"]  # no trainer: float32
+    assert expected.dtype == torch.float32
+    dm.trainer = SimpleNamespace(precision_plugin=plugin)
+    batch = dm.on_after_batch_transfer(plugin.convert_input(dict(raw)), 0)  # Lightning's order
+    assert batch["images"].dtype == dtype and torch.equal(batch["images"], expected.to(dtype))
+    assert batch["targets"].dtype == torch.int64
+    dm.trainer = None
 
 
 def test_cache_images_auto_fits_the_caches_of_all_processes_in_a_quarter_of_memory(data_root, monkeypatch) -> None:

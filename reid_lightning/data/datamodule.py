@@ -510,8 +510,15 @@ class ReIDDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Lightning's hook on every batch once it is on the model's device: uint8 images
-        (``normalize_on_device``) become normalised, erased float32 images; other batches pass."""
-        return self._normalize(batch)
+        (``normalize_on_device``) become normalised, erased float32 images; other batches pass.
+
+        Lightning casts a batch to the precision plugin's input type (``bf16-true``,
+        ``16-true``, ``64-true``: the model's own dtype) before the transfer, when the images
+        are still uint8; the images made here get that cast now."""
+        normalized = self._normalize(batch)
+        if normalized is batch or self.trainer is None:
+            return normalized
+        return self.trainer.precision_plugin.convert_input(normalized)
 
     def train_dataloader(self) -> DataLoader | EpochStream:
         rank, world_size = self.distributed_context()
