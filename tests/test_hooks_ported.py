@@ -291,3 +291,14 @@ def test_periodic_writer_line_of_an_epochs_last_step_holds_what_hooks_put_in_aft
     )
     records = [json.loads(line) for line in json_file.read_text().splitlines()]
     assert [(r["iteration"], r.get("epoch_acc")) for r in records] == expected
+
+
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_precise_bn_casts_its_batches_to_the_precision_plugins_input_type(tmp_path: Path, precision: str) -> None:
+    # a "-true" precision keeps the model in that dtype; Lightning casts each training batch to it
+    # before the transfer, and PreciseBN's own batches need the same cast (float32 inputs failed)
+    module = TinyModule(batches=3, lr=0.0)
+    make_trainer(tmp_path, [PreciseBN(num_iter=2)], max_epochs=1, precision=precision).fit(module)
+    bn = module.model[1]
+    assert bn.running_mean.dtype == module.model[0].weight.dtype != torch.float32
+    assert int(bn.num_batches_tracked) == 2

@@ -145,14 +145,16 @@ class PreciseBN(HookBase):
     def _inputs(self) -> Iterator[torch.Tensor]:
         loader = self._fresh_loader()
         module = self.trainer.pl_module
+        precision = self.trainer.pl_trainer.precision_plugin
         epoch = self.trainer.epoch
         while True:
             empty = True
             for batch in loader:
                 empty = False
-                # Lightning's own transfer of a training batch: to the device, then the
+                # Lightning's own preparation of a training batch: the precision plugin's input
+                # cast (a "-true" precision's dtype), the transfer to the device, then the
                 # on_after_batch_transfer hook (ReIDDataModule's normalises uint8 images)
-                yield self._images(module._apply_batch_transfer_handler(batch))
+                yield self._images(module._apply_batch_transfer_handler(precision.convert_input(batch)))
             if empty:
                 return
             epoch += 1
