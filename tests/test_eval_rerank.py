@@ -93,6 +93,17 @@ def test_rerank_rejects_impossible_neighbourhoods():
         k_reciprocal_rerank(q, g, k1=3, k2=5)
 
 
+def test_rerank_is_float32_under_autocast():
+    # the evaluation of a mixed-precision run (and any caller's autocast, bf16/fp16 on a GPU):
+    # the distance matmuls ran in bf16 and reordered the neighbours
+    q, g = clustered(7, 10, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = k_reciprocal_rerank(q.bfloat16(), g.bfloat16(), 8, 3, 0.3)
+    expected = reference_rerank(q.bfloat16().float().numpy(), g.bfloat16().float().numpy(), 8, 3, 0.3)
+    assert result.dtype == torch.float32
+    np.testing.assert_allclose(result.numpy(), expected, atol=2e-6, rtol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_rerank_runs_on_cuda():
     q, g = clustered(1, 10, 40)

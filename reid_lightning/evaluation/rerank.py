@@ -237,16 +237,18 @@ def k_reciprocal_rerank(
         f"(time and output grow as (Q + G)^2)",
         hint="Evaluate without evaluation.rerank, or on a smaller query/gallery split.",
     )
-    with torch.autocast(device_type=q_feat.device.type, enabled=False):
-        feats = torch.cat([q_feat, g_feat]).float()
-    n = feats.shape[0]
+    n = num_q + g_feat.shape[0]
     if not 1 <= k1 < n or not 1 <= k2 <= k1 + 1:
         raise ValueError(
             f"re-ranking needs 1 <= k1 < {n} (number of features) and 1 <= k2 <= k1 + 1, got k1={k1}, k2={k2}."
         )
-    sq = feats.square().sum(1)
-    neighbours, row_max, result = _nearest(feats, sq, k1 + 1, num_q, chunk_size)
-    rows, cols, vals = _sparse_v(feats, sq, row_max, neighbours, k1, chunk_size)
-    if k2 > 1:
-        rows, cols, vals = _local_expansion(rows, cols, vals, neighbours, k2)
-    return _mix_jaccard_(result, rows, cols, vals, num_q, lambda_value)
+    # float32 throughout: under a caller's autocast the distance matmuls (addmm, bmm) would run
+    # in bf16/fp16 and reorder the neighbours
+    with torch.autocast(device_type=q_feat.device.type, enabled=False):
+        feats = torch.cat([q_feat, g_feat]).float()
+        sq = feats.square().sum(1)
+        neighbours, row_max, result = _nearest(feats, sq, k1 + 1, num_q, chunk_size)
+        rows, cols, vals = _sparse_v(feats, sq, row_max, neighbours, k1, chunk_size)
+        if k2 > 1:
+            rows, cols, vals = _local_expansion(rows, cols, vals, neighbours, k2)
+        return _mix_jaccard_(result, rows, cols, vals, num_q, lambda_value)
