@@ -7,6 +7,7 @@ import logging
 import threading
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from reid_lightning.cli.train import (
     build_model,
     build_trainer,
     instantiate_group,
+    resolve_precision,
 )
 from reid_lightning.engine.finite_check import NonFiniteLossWatch
 from reid_lightning.engine.hooks import HookBase, PeriodicWriter, build_hooks
@@ -222,6 +224,19 @@ def test_compile_auto_means_one_cuda_gpu_in_one_process(monkeypatch, trainer, gp
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     assert resolve_compile("auto", trainer) is expected
     assert resolve_compile(True, trainer) is True and resolve_compile(False, trainer) is False
+
+
+@pytest.mark.parametrize(("major", "expected"), [(7, "16-mixed"), (8, "bf16-mixed"), (9, "bf16-mixed")])
+def test_precision_auto_takes_bf16_only_where_the_gpu_has_it_natively(monkeypatch, major, expected) -> None:
+    # a V100 (7.0) or T4 (7.5) runs bfloat16 only emulated, which torch.cuda.is_bf16_supported()
+    # counts by default: precision auto chose bf16-mixed there, far slower than 16-mixed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulated
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert resolve_precision("auto", "gpu") == expected
+    assert resolve_precision("auto", "cpu") == 32 and resolve_precision("16-mixed", "gpu") == "16-mixed"
 
 
 def test_compile_refuses_another_value() -> None:

@@ -61,12 +61,15 @@ def seed_run(cfg: DictConfig) -> int:
 
 
 def resolve_precision(precision: Any, accelerator: str) -> Any:
-    """Turn ``precision: auto`` into bf16-mixed (or 16-mixed) on a GPU and 32 elsewhere."""
+    """Turn ``precision: auto`` into bf16-mixed on a GPU with native bfloat16 (Ampere and later),
+    16-mixed on an older GPU, and 32 elsewhere."""
     if precision != "auto":
         return precision
     if not trains_on_gpu(accelerator):
         return 32
-    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    # torch's default also counts bfloat16 emulated on a V100 or T4 (no bf16 tensor cores: far
+    # slower than fp16 there)
+    return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
 
 
 def instantiate_group(group: DictConfig | None, name: str = "callbacks") -> list[Any]:
