@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -286,3 +287,24 @@ def test_solver_max_epochs_minus_one_leaves_the_length_to_max_steps():
     assert ReIDModule(build_bot(num_classes=2, depth=18), solver={"max_epochs": -1}).solver.max_epochs == -1
     # eval_period null: trainer.check_val_every_n_epoch=None, validation by trainer.val_check_interval steps
     assert ReIDModule(build_bot(num_classes=2, depth=18), solver={"eval_period": None}).solver.eval_period is None
+
+
+def test_partial_validation_warns_under_ddp_where_each_rank_loads_its_share(small_data):
+    # two ranks, each with its half of the 24 samples (a Subset) and 6 of them evaluated: the count
+    # summed over the ranks (12) was compared with one rank's share (12), and nothing was said
+    class TwoRanks:
+        def reduce(self, tensor, reduce_op):
+            assert reduce_op == "sum"
+            return tensor * 2  # both ranks hold the same numbers
+
+    share = small_data.build_test_loader(0, 2)
+    assert len(share.dataset) == 12
+    module = ReIDModule(build_bot(num_classes=small_data.num_classes, depth=18, pretrained="none"))
+    module._trainer = SimpleNamespace(strategy=TwoRanks(), val_dataloaders=share)
+    module._eval_samples = 6
+    with pytest.warns(UserWarning, match=r"val: evaluated 12 of the 24 samples \(query \+ gallery\)"):
+        module._warn_partial_split("val")
+    module._eval_samples = 12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module._warn_partial_split("val")  # every sample of the split, over the two ranks

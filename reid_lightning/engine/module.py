@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.utils.data import Subset
 
 from reid_lightning.engine.finite_check import NonFiniteLossWatch
 from reid_lightning.engine.optim import build_optimizer, build_warmup_multistep
@@ -171,15 +172,18 @@ class ReIDModule(pl.LightningModule):
 
     def _warn_partial_split(self, prefix: str) -> None:
         """Warn when fewer samples were evaluated (all ranks together) than the split holds."""
-        evaluated = self.trainer.strategy.reduce(
-            torch.tensor(self._eval_samples, device=self.device, dtype=torch.long), reduce_op="sum"
-        )
         loaders = self.trainer.val_dataloaders if prefix == "val" else self.trainer.test_dataloaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
-        total = sum(len(loader.dataset) for loader in loaders)
-        if int(evaluated) < total:
+        # under DDP each rank's loader holds a Subset, its share of the split
+        # (ReIDDataModule.build_test_loader): the shares add up over the ranks, as the counts do
+        datasets = [loader.dataset for loader in loaders]
+        shares = sum(len(dataset) for dataset in datasets if isinstance(dataset, Subset))
+        counts = torch.tensor([self._eval_samples, shares], device=self.device, dtype=torch.long)
+        evaluated, shares = self.trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        total = shares + sum(len(dataset) for dataset in datasets if not isinstance(dataset, Subset))
+        if evaluated < total:
             rank_zero_warn(
-                f"{prefix}: evaluated {int(evaluated)} of the {total} samples (query + gallery) of the split "
+                f"{prefix}: evaluated {evaluated} of the {total} samples (query + gallery) of the split "
                 f"(trainer.limit_{prefix}_batches?): the {prefix}/* metrics rank a partial gallery and are not "
                 "comparable with a full evaluation"
             )
