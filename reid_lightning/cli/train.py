@@ -67,9 +67,19 @@ def resolve_precision(precision: Any, accelerator: str) -> Any:
         return precision
     if not trains_on_gpu(accelerator):
         return 32
-    # torch's default also counts bfloat16 emulated on a V100 or T4 (no bf16 tensor cores: far
-    # slower than fp16 there)
-    return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
+    return "bf16-mixed" if native_bf16() else "16-mixed"
+
+
+def native_bf16() -> bool:
+    """Whether the current CUDA GPU computes bfloat16 natively (compute capability 8.0 and later).
+
+    torch >= 2.5 also counts bfloat16 emulated on a V100 or T4 unless asked not to (no bf16
+    tensor cores: far slower than fp16 there); earlier versions report native support only.
+    """
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.5: no including_emulation
+        return torch.cuda.is_bf16_supported()
 
 
 def instantiate_group(group: DictConfig | None, name: str = "callbacks") -> list[Any]:
