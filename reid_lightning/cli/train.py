@@ -73,13 +73,14 @@ def resolve_precision(precision: Any, accelerator: str) -> Any:
 def native_bf16() -> bool:
     """Whether the current CUDA GPU computes bfloat16 natively (compute capability 8.0 and later).
 
-    torch >= 2.5 also counts bfloat16 emulated on a V100 or T4 unless asked not to (no bf16
-    tensor cores: far slower than fp16 there); earlier versions report native support only.
+    ``torch.cuda.is_bf16_supported()`` also counts bfloat16 emulated on a V100 or T4 (no bf16
+    tensor cores: far slower than fp16 there) unless asked not to; a torch too old for that
+    argument is answered by the compute capability.
     """
     try:
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # torch < 2.5: no including_emulation
-        return torch.cuda.is_bf16_supported()
+    except TypeError:  # no including_emulation in this torch
+        return torch.version.hip is not None or torch.cuda.get_device_capability() >= (8, 0)
 
 
 def instantiate_group(group: DictConfig | None, name: str = "callbacks") -> list[Any]:
