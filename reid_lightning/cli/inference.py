@@ -127,7 +127,7 @@ def _verification_inputs(extractor: FeatureExtractor, cfg: DictConfig) -> list[t
 
 
 def run_export(cfg: DictConfig) -> Path:
-    """Export the checkpoint's model to ``cfg.output`` and write ``<output>.json`` beside it;
+    """Export the checkpoint's model to ``cfg.output`` and write ``<output without suffix>.json`` beside it;
     with ``cfg.verify`` compare the file with PyTorch first (a failed check removes the file
     and raises :class:`ExportCheckError`).
 
