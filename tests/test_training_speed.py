@@ -320,6 +320,7 @@ def test_benchmark_train_prints_one_json_line_per_mode(tmp_path: Path) -> None:
     assert lines[1]["cudnn_benchmark"] is True  # trainer=default sets benchmark: true, for the fit and the step
 
 
+@pytest.mark.slow
 def test_benchmark_train_optimizer_mode_times_fused_and_loop(tmp_path: Path) -> None:
     proc = run_script(
         "benchmark_train.py",
@@ -333,6 +334,7 @@ def test_benchmark_train_optimizer_mode_times_fused_and_loop(tmp_path: Path) -> 
     assert line["fused_speedup"] == pytest.approx(line["ms_per_step_loop"] / line["ms_per_step_fused"], rel=0.02)
 
 
+@pytest.mark.slow
 def test_benchmark_train_checkpoint_mode_times_both_writers_and_leaves_no_file(tmp_path: Path) -> None:
     proc = run_script(
         "benchmark_train.py",
@@ -348,6 +350,7 @@ def test_benchmark_train_checkpoint_mode_times_both_writers_and_leaves_no_file(t
     assert list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_benchmark_train_epochs_mode_times_each_epoch_and_the_memory(tmp_path: Path) -> None:
     proc = run_script(
         "benchmark_train.py",
@@ -410,6 +413,7 @@ def _fit_variant_lines(tmp_path: Path, variants: str, iters: int, workers: int) 
     return _json_lines(proc)
 
 
+@pytest.mark.slow
 def test_fit_variants_print_one_line_per_variant(tmp_path: Path) -> None:
     lines = _fit_variant_lines(tmp_path, "default,from_memory_no_hooks_no_log", iters=2, workers=1)
     assert [line["variant"] for line in lines] == ["step", "default", "from_memory_no_hooks_no_log", "step_after"]
@@ -420,6 +424,7 @@ def test_fit_variants_print_one_line_per_variant(tmp_path: Path) -> None:
     assert bad.returncode != 0 and "unknown variants ['no_such']" in bad.stderr
 
 
+@pytest.mark.slow
 def test_fit_variants_with_a_last_checkpoint_write_it_each_way(tmp_path: Path) -> None:
     lines = _fit_variant_lines(tmp_path, "last_checkpoint_sync,last_checkpoint", iters=3, workers=0)
     assert [line["variant"] for line in lines] == ["step", "last_checkpoint_sync", "last_checkpoint", "step_after"]
