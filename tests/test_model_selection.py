@@ -173,3 +173,20 @@ def test_two_training_sets_and_per_set_test_metrics(tmp_path: Path) -> None:
     for name in ("demo", "folder"):
         assert_same(metrics["test_sets"][name], again["test_sets"][name])
         assert (tmp_path / "eval_all" / name / "features.npz").is_file()
+
+
+@pytest.mark.slow
+def test_the_final_model_competes_for_the_best_checkpoint_when_eval_period_skips_its_epoch(tmp_path: Path) -> None:
+    # 3 epochs validated every 2: epoch 1 in the schedule, the final epoch 2 only because it is the last
+    root, run_dir = tmp_path / "data", tmp_path / "run"
+    run_script("train.py", [*SMALL, f"paths.data_dir={root}", f"hydra.run.dir={run_dir}", "data.val_identities=4",
+                            "solver.max_epochs=3", "solver.eval_period=2", "callbacks.model_checkpoint.save_top_k=-1"],
+               cwd=tmp_path, threads=2)
+    # every validated model is a candidate of the val/mAP checkpoint, the final one included
+    saved = sorted(p.name.split("-")[0] for p in (run_dir / "checkpoints").glob("epoch*.ckpt"))
+    assert saved == ["epoch001", "epoch002"]
+    val_maps = logged(run_dir, "val/mAP")
+    assert len(val_maps) == 2  # the final model was validated once, in the fit
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["val"]["mAP"] == pytest.approx(val_maps[-1], abs=0.01)
+    assert metrics["best"]["val_mAP"] == pytest.approx(max(val_maps), abs=0.01)

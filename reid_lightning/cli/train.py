@@ -203,6 +203,26 @@ def write_metrics(metrics: dict[str, Any], output_dir: Path) -> Path:
     return path
 
 
+class ValidateFinalEpoch(pl.Callback):
+    """Validates the last epoch (``trainer.max_epochs``) also when ``solver.eval_period`` does not
+    divide it, as fast-reid's EvalHook evaluates the final iteration: inside the fit, so that
+    the ModelCheckpoint monitoring ``val/mAP`` weighs the final model too (a ``trainer.validate``
+    after the fit saves no checkpoint). The trainer's ``check_val_every_n_epoch`` is 1 for that
+    epoch only."""
+
+    def __init__(self) -> None:
+        self._every: int | None = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        every, last = trainer.check_val_every_n_epoch, trainer.max_epochs
+        if isinstance(every, int) and every > 1 and last is not None and last > 0 and trainer.current_epoch == last - 1:
+            self._every, trainer.check_val_every_n_epoch = every, 1
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._every is not None:
+            trainer.check_val_every_n_epoch, self._every = self._every, None
+
+
 def selection_checkpoint(trainer: pl.Trainer) -> ModelCheckpoint | None:
     """The first ModelCheckpoint that monitors ``val/mAP`` and has saved a best checkpoint."""
     for callback in trainer.checkpoint_callbacks:
@@ -255,8 +275,10 @@ def validated_final_weights_on_test_sets(trainer: pl.Trainer, module: ReIDModule
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the model described by ``cfg``, test it and write ``metrics.json``.
 
-    With held-out validation identities (``data.val_identities``) the final model is
-    validated (unless its last epoch was) and the best checkpoint by ``val/mAP`` is tested
+    With held-out validation identities (``data.val_identities``) the last epoch is
+    validated also when ``solver.eval_period`` does not divide ``solver.max_epochs``
+    (:class:`ValidateFinalEpoch`), the final model once more after the fit when the fit
+    stopped elsewhere (``trainer.max_steps``), and the best checkpoint by ``val/mAP`` is tested
     after the final model. Without them validation ranks the test sets, so when the last epoch
     was validated its figures are the test figures and no second pass runs.
 
@@ -290,6 +312,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         load_model_weights(module, init["state_dict"], source=str(cfg.init_from), strict=cfg.get("init_strict", True))
 
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks") + build_hooks(cfg.get("hooks")) + [RNGStates()]
+    if datamodule.val_split is not None:  # the final model competes for the best checkpoint
+        callbacks.append(ValidateFinalEpoch())
     loggers = instantiate_group(resume.logger_config(cfg.get("logger")), "logger")
     if not loggers:  # logger=none: Lightning's LearningRateMonitor refuses a trainer without loggers
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
