@@ -190,3 +190,22 @@ def test_the_final_model_competes_for_the_best_checkpoint_when_eval_period_skips
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["val"]["mAP"] == pytest.approx(val_maps[-1], abs=0.01)
     assert metrics["best"]["val_mAP"] == pytest.approx(max(val_maps), abs=0.01)
+
+
+def test_without_a_test_pass_the_objective_is_still_the_best_checkpoints_validation_map(tmp_path: Path) -> None:
+    # run_test=false (a search that skips the test sets): the sweeper still gets the best checkpoint's val/mAP
+    from conftest import compose_train
+
+    from reid_lightning.cli.train import train
+
+    run_dir = tmp_path / "run"
+    cfg = compose_train([*SMALL, f"paths.data_dir={tmp_path / 'data'}", "data.val_identities=4", "run_test=false"],
+                        output_dir=run_dir)
+    metrics = train(cfg)
+    val_maps = logged(run_dir, "val/mAP")
+    assert len(val_maps) == 2
+    assert set(metrics) == {"val", "best"} and set(metrics["best"]) == {"epoch", "step", "val_mAP", "checkpoint"}
+    assert metrics["best"]["val_mAP"] == pytest.approx(max(val_maps), abs=0.01)
+    assert metrics["best"]["epoch"] == val_maps.index(max(val_maps)) and Path(metrics["best"]["checkpoint"]).is_file()
+    assert objective(metrics) == metrics["best"]["val_mAP"]
+    assert json.loads((run_dir / "metrics.json").read_text()) == metrics

@@ -243,10 +243,18 @@ def evaluate_best_checkpoint(
     ckpt = load_checkpoint(callback.best_model_path)
     load_model_weights(module, ckpt["state_dict"], source=str(callback.best_model_path))
     trainer.test(module, datamodule=datamodule, verbose=False)
+    return {**best_checkpoint_block(callback, ckpt), **report_test_metrics(module)}
+
+
+def best_checkpoint_block(callback: ModelCheckpoint, ckpt: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``best`` block of metrics.json without test figures (what ``run_test=false`` reports):
+    the best checkpoint's ``epoch``, ``step``, ``val_mAP`` and ``checkpoint`` path (``ckpt``: its
+    loaded contents, read from the file when None)."""
+    if ckpt is None:
+        ckpt = load_checkpoint(callback.best_model_path)
     return {
         "epoch": int(ckpt["epoch"]), "step": int(ckpt["global_step"]),
         "val_mAP": round(float(callback.best_model_score), 4), "checkpoint": str(callback.best_model_path),
-        **report_test_metrics(module),
     }
 
 
@@ -287,8 +295,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         :data:`METRIC_NAMES`) of the first test set, ``test_sets`` (each test set's, when
         several), ``val`` (the final model's validation figures) and ``best`` (see
         :func:`evaluate_best_checkpoint`) when there is a validation split. Test figures are
-        absent when ``cfg.run_test`` is false; the dict (and metrics.json) is then empty without a
-        validation split.
+        absent when ``cfg.run_test`` is false (``best`` then holds no test figures either); the
+        dict (and metrics.json) is then empty without a validation split.
     """
     output_dir = Path(cfg.paths.output_dir)
     seed_run(cfg)
@@ -334,9 +342,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             else:
                 trainer.test(module, datamodule=datamodule, verbose=False)
             metrics = {**report_test_metrics(module), **metrics}
-            best = selection_checkpoint(trainer) if datamodule.val_split is not None else None
-            if best is not None:
-                metrics["best"] = evaluate_best_checkpoint(trainer, module, datamodule, best)
+        best = selection_checkpoint(trainer) if datamodule.val_split is not None else None
+        if best is not None:  # what the objective returns; its test figures only with run_test
+            test = cfg.get("run_test", True)
+            metrics["best"] = evaluate_best_checkpoint(trainer, module, datamodule, best) if test else best_checkpoint_block(best)
     if trainer.is_global_zero:
         # also without figures (run_test=false, no validation split): a sweep's summary lists a
         # job without metrics.json as failed
