@@ -209,3 +209,16 @@ def test_without_a_test_pass_the_objective_is_still_the_best_checkpoints_validat
     assert metrics["best"]["epoch"] == val_maps.index(max(val_maps)) and Path(metrics["best"]["checkpoint"]).is_file()
     assert objective(metrics) == metrics["best"]["val_mAP"]
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+
+
+def test_the_loggers_keep_the_best_checkpoints_test_figures_apart_from_the_final_models(tmp_path: Path) -> None:
+    # test/* are the final model's (metrics.json's top level), best/test/* the best checkpoint's
+    from conftest import compose_train
+
+    from reid_lightning.cli.train import train
+
+    run_dir = tmp_path / "run"
+    cfg = compose_train([*SMALL, f"paths.data_dir={tmp_path / 'data'}", "data.val_identities=4"], output_dir=run_dir)
+    metrics = train(cfg)
+    assert logged(run_dir, "test/mAP") == pytest.approx([metrics["mAP"]], abs=1e-3)
+    assert logged(run_dir, "best/test/mAP") == pytest.approx([metrics["best"]["mAP"]], abs=1e-3)

@@ -234,7 +234,8 @@ def selection_checkpoint(trainer: pl.Trainer) -> ModelCheckpoint | None:
 def evaluate_best_checkpoint(
     trainer: pl.Trainer, module: ReIDModule, datamodule: pl.LightningDataModule, callback: ModelCheckpoint
 ) -> dict[str, Any]:
-    """Load the best checkpoint of ``callback`` into ``module`` and test it.
+    """Load the best checkpoint of ``callback`` into ``module`` and test it, logging its figures
+    under ``best/test/`` (the final model's are ``test/``).
 
     Returns:
         The ``best`` block of metrics.json: its ``epoch`` (0-based, as in its file name),
@@ -242,7 +243,11 @@ def evaluate_best_checkpoint(
     """
     ckpt = load_checkpoint(callback.best_model_path)
     load_model_weights(module, ckpt["state_dict"], source=str(callback.best_model_path))
-    trainer.test(module, datamodule=datamodule, verbose=False)
+    module.test_log_prefix = "best/test"  # the loggers' test/* stay the final model's
+    try:
+        trainer.test(module, datamodule=datamodule, verbose=False)
+    finally:
+        module.test_log_prefix = "test"
     return {**best_checkpoint_block(callback, ckpt), **report_test_metrics(module)}
 
 

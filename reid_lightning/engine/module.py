@@ -51,7 +51,12 @@ class ReIDModule(pl.LightningModule):
             ReIDMetric each. The first set logs ``val/<metric>``; with several, each also
             logs ``val/<name>/<metric>``.
         test_sets: names of the test loaders (``ReIDDataModule.test_set_names``), logged the
-            same way under ``test/``.
+            same way under :attr:`test_log_prefix` (``test``).
+
+    Attributes:
+        test_log_prefix: the prefix the next test runs log under: ``test`` (the final model),
+            ``best/test`` for the best checkpoint's test (``reid_lightning.cli.train``), so that
+            the loggers' ``test/*`` stay the final model's figures.
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class ReIDModule(pl.LightningModule):
         self.last_val_metrics: dict[str, float] = {}
         self.last_val_metrics_by_set: dict[str, dict[str, float]] = {}
         self.last_val_step: int | None = None
+        self.test_log_prefix = "test"
         self.loss_watch = NonFiniteLossWatch()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -188,10 +194,14 @@ class ReIDModule(pl.LightningModule):
                 "comparable with a full evaluation"
             )
 
-    def _eval_epoch_end(self, metrics: nn.ModuleList, names: list[str], prefix: str) -> dict[str, dict[str, float]]:
-        """Computes and logs every set's metrics: ``<prefix>/<metric>`` for the first set and,
-        with several sets, ``<prefix>/<set>/<metric>`` for each; returns them by set name
-        (nothing during Lightning's sanity check, which ranks nothing)."""
+    def _eval_epoch_end(
+        self, metrics: nn.ModuleList, names: list[str], prefix: str, log_prefix: str | None = None
+    ) -> dict[str, dict[str, float]]:
+        """Computes and logs every set's metrics: ``<log_prefix>/<metric>`` for the first set and,
+        with several sets, ``<log_prefix>/<set>/<metric>`` for each (``log_prefix``: default
+        ``prefix``, ``val`` or ``test``); returns them by set name (nothing during Lightning's
+        sanity check, which ranks nothing)."""
+        log_prefix = log_prefix or prefix
         if self._sanity_checking():
             for metric in metrics:
                 metric.reset()
@@ -202,8 +212,9 @@ class ReIDModule(pl.LightningModule):
             by_set[set_name] = {k: float(v) for k, v in metric.compute().items()}
             metric.reset()
         # every rank computed the same numbers from the gathered features: no further sync
-        for key, value in _logged_keys(by_set, prefix).items():
-            self.log(key, value, prog_bar=key in (f"{prefix}/mAP", f"{prefix}/rank1"), sync_dist=False, rank_zero_only=False)
+        for key, value in _logged_keys(by_set, log_prefix).items():
+            self.log(key, value, prog_bar=key in (f"{log_prefix}/mAP", f"{log_prefix}/rank1"), sync_dist=False,
+                     rank_zero_only=False)
         return by_set
 
     def on_validation_start(self) -> None:
@@ -251,7 +262,7 @@ class ReIDModule(pl.LightningModule):
         self._eval_step(self.test_metrics[dataloader_idx], batch)
 
     def on_test_epoch_end(self) -> None:
-        self.last_test_metrics_by_set = self._eval_epoch_end(self.test_metrics, self.test_sets, "test")
+        self.last_test_metrics_by_set = self._eval_epoch_end(self.test_metrics, self.test_sets, "test", self.test_log_prefix)
         self.last_test_metrics = self.last_test_metrics_by_set[self.test_sets[0]]
 
     def eval_outputs(self, test_set: int = 0) -> dict[str, Any]:
