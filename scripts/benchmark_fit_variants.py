@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=150)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--precision", choices=["32", "bf16-mixed", "16-mixed"], default="32")
+    parser.add_argument("--precision", choices=["32", "bf16-mixed", "16-mixed", "bf16-true", "16-true"], default="32")
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--variants", default=None, help="comma-separated names; default all")

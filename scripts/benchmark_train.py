@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=10, help="untimed iterations before them")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of --mode epochs")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--precision", choices=["32", "bf16-mixed", "16-mixed"], default="32")
+    parser.add_argument("--precision", choices=["32", "bf16-mixed", "16-mixed", "bf16-true", "16-true"], default="32")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     parser.add_argument("--sync-debug", action="store_true",

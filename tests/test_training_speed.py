@@ -522,3 +522,44 @@ def test_benchmark_train_stdout_holds_only_its_json_lines(tmp_path: Path) -> Non
     )
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert [json.loads(line)["mode"] for line in lines] == ["step", "fit"], proc.stdout
+
+
+def _record_forward_dtypes(monkeypatch) -> list[tuple[torch.dtype, torch.dtype]]:
+    """(input dtype, weight dtype, autocast on) of every forward of the models ``bench`` builds."""
+    seen: list = []
+    real = bench.build_model
+
+    def build(cfg, num_classes):
+        model = real(cfg, num_classes)
+        model.register_forward_pre_hook(lambda module, args: seen.append(
+            (args[0].dtype, next(module.parameters()).dtype, torch.is_autocast_enabled("cpu"))))
+        return model
+
+    monkeypatch.setattr(bench, "build_model", build)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("precision", "label", "expected"),
+    [
+        ("bf16-true", "bf16-true", (torch.bfloat16, torch.bfloat16, False)),
+        ("bf16", "bf16", (torch.float32, torch.float32, True)),  # Lightning's alias of bf16-mixed
+        ("bf16-mixed", "bf16-mixed", (torch.float32, torch.float32, True)),
+        ("32-true", "32-true", (torch.float32, torch.float32, False)),
+        ("auto", "32", (torch.float32, torch.float32, False)),  # resolve_precision on the CPU
+    ],
+)
+def test_the_benchmark_step_runs_the_precision_it_reports(tmp_path: Path, monkeypatch, precision, label, expected) -> None:
+    """``trainer.precision=bf16-true`` (an override) ran the step in float32, labelled bf16-true."""
+    seen = _record_forward_dtypes(monkeypatch)
+    cfg = bench.benchmark_config(model="bot_r18", height=32, width=16, batch=8, workers=0, data_dir=str(tmp_path / "data"),
+                                 output_dir=str(tmp_path / "out"), overrides=[*SMALL_DEMO, f"trainer.precision={precision}"])
+    line = bench.time_step(cfg, iters=1, warmup=0)
+    assert line["precision"] == label and seen and set(seen) == {expected}
+
+
+def test_the_benchmark_step_refuses_a_precision_it_cannot_apply(tmp_path: Path) -> None:
+    cfg = bench.benchmark_config(model="bot_r18", height=32, width=16, batch=8, workers=0, data_dir=str(tmp_path / "data"),
+                                 output_dir=str(tmp_path / "out"), overrides=[*SMALL_DEMO, "trainer.precision=transformer-engine"])
+    with pytest.raises(ValueError, match="cannot time precision 'transformer-engine'"):
+        bench.time_step(cfg, iters=1, warmup=0)

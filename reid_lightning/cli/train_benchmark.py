@@ -42,7 +42,12 @@ from omegaconf import DictConfig, open_dict
 
 from reid_lightning.checkpointing.async_io import AsyncAtomicCheckpointIO
 from reid_lightning.checkpointing.atomic_io import AtomicCheckpointIO
-from reid_lightning.cli.train import build_datamodule, build_model, build_trainer
+from reid_lightning.cli.train import (
+    build_datamodule,
+    build_model,
+    build_trainer,
+    resolve_precision,
+)
 from reid_lightning.engine.hooks import HookBase, build_hooks
 from reid_lightning.engine.module import ReIDModule
 from reid_lightning.engine.optim import build_optimizer
@@ -76,7 +81,8 @@ def benchmark_config(
         width: input width.
         batch: global batch (16 or more identities x 4 images in the BoT recipe).
         device: ``cpu`` or ``cuda``.
-        precision: Lightning precision (``32``, ``bf16-mixed``, ``16-mixed``).
+        precision: Lightning precision (``32``, ``bf16-mixed``, ``16-mixed``, ``bf16-true``...); the bare
+            step applies it as Lightning does (autocast, or weights and inputs cast for ``*-true``).
         channels_last: backbone in channels-last memory format.
         compile: ``torch.compile`` the backbone (with its eager fallback).
         workers: loader worker processes.
@@ -111,7 +117,7 @@ def _summary(mode: str, cfg: DictConfig, images: int, seconds: float, iters: int
     return {
         "mode": mode, "images_per_s": round(images / seconds, 2), "s_per_iter": round(seconds / max(1, iters), 5),
         "iters": iters, "device": "cuda" if cfg.trainer.accelerator == "gpu" else "cpu",
-        "precision": str(cfg.trainer.precision), "model": cfg.model.get("depth"), "batch": cfg.data.batch_size,
+        "precision": _precision(cfg), "model": cfg.model.get("depth"), "batch": cfg.data.batch_size,
         "size": [cfg.data.height, cfg.data.width], "channels_last": bool(cfg.channels_last),
         "compile": bool(cfg.compile), "threads": torch.get_num_threads(), **extra,
     }
@@ -205,12 +211,32 @@ def time_loader_epochs(cfg: DictConfig, epochs: int) -> dict[str, Any]:
     return _summary("epochs", cfg, cfg.data.batch_size * iters, sum(seconds[1:]), iters, s_per_epoch=seconds, pss_gb=pss)
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "bf16-mixed":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "16-mixed":
-        return torch.autocast(device.type, dtype=torch.float16)
-    return nullcontext()
+# Lightning's precision names -> (autocast dtype, dtype of the weights and inputs); the aliases
+# Lightning accepts ("16", "bf16", "32", "64") as Lightning maps them
+_PRECISIONS: dict[str, tuple[torch.dtype | None, torch.dtype]] = {
+    "32-true": (None, torch.float32), "64-true": (None, torch.float64),
+    "16-mixed": (torch.float16, torch.float32), "bf16-mixed": (torch.bfloat16, torch.float32),
+    "16-true": (None, torch.float16), "bf16-true": (None, torch.bfloat16),
+}
+_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+
+
+def _precision(cfg: DictConfig) -> str:
+    """``trainer.precision`` as the fit's trainer gets it (``auto`` resolved), as a string."""
+    return str(resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator))
+
+
+def _step_dtypes(precision: str) -> tuple[torch.dtype | None, torch.dtype]:
+    """(autocast dtype or None, weight and input dtype) of a Lightning precision, for the bare step."""
+    name = _ALIASES.get(precision, precision)
+    if name not in _PRECISIONS:
+        raise ValueError(f"the benchmark step cannot time precision {precision!r}: use one of "
+                         f"{sorted([*_PRECISIONS, *_ALIASES])}")
+    return _PRECISIONS[name]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def _device(cfg: DictConfig) -> torch.device:
@@ -234,19 +260,20 @@ def time_step(cfg: DictConfig, iters: int, warmup: int) -> dict[str, Any]:
     (``time.thread_time``) and ``host_busy`` its share of the wall time: near 1, launching the
     step's work keeps the host as busy as the device (or a synchronisation spins)."""
     device = _device(cfg)
+    # the precision as Lightning applies it: autocast (*-mixed), or weights and inputs cast (*-true)
+    autocast_dtype, dtype = _step_dtypes(_precision(cfg))
     if cfg.trainer.get("benchmark") is not None:  # cuDNN's algorithm search, as the fit's Trainer sets it
         torch.backends.cudnn.benchmark = bool(cfg.trainer.benchmark)
     datamodule = build_datamodule(cfg.data)
     batch = next(iter(datamodule.build_train_loader(0, 1)))
     batch = datamodule.on_after_batch_transfer(move_data_to_device(batch, device), 0)
-    images, targets = batch["images"], batch["targets"]
-    model = build_model(cfg, datamodule.num_classes).to(device).train()
+    images, targets = batch["images"].to(dtype), batch["targets"]
+    model = build_model(cfg, datamodule.num_classes).to(device=device, dtype=dtype).train()
     optimizer = build_optimizer(model, **SolverSettings.from_mapping(cfg.solver).optimizer_kwargs())
-    precision = str(cfg.trainer.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
 
     def step() -> None:
-        with _autocast(device, precision):
+        with _autocast(device, autocast_dtype):
             outputs = model(images)
         loss = sum(model.losses(outputs, targets).values())
         scaler.scale(loss).backward()
