@@ -1,0 +1,37 @@
+"""The benchmark scripts outside reid_lightning.cli (``scripts/benchmark_hooks.py``,
+``scripts/benchmark_ranking.py``, ``scripts/benchmark_inference.py``), imported in-process."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+from pathlib import Path
+from types import ModuleType
+
+from pytorch_lightning.callbacks import Callback
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _SleepyCallback(Callback):
+    """A plain callback that spends 2 ms in every ``on_train_batch_end``; its instances share
+    Lightning's ``state_key`` (the class name), as benchmark_hooks' plain callbacks do."""
+
+    def on_train_batch_end(self, *args) -> None:
+        time.sleep(0.002)
+
+
+def test_benchmark_hooks_counts_the_time_inside_every_callback_of_a_shared_key() -> None:
+    """Ten plain callbacks share one profiler action: its per-batch list holds ten entries per
+    step, and keeping only the last ``--steps`` entries counted one callback in ten."""
+    hooks = _script("benchmark_hooks")
+    args = argparse.Namespace(model="mlp", steps=6, warmup=2, batch_size=4, accelerator="cpu", precision="32-true")
+    inside = hooks.time_run(args, [_SleepyCallback() for _ in range(3)], profiled=True)
+    assert 3 * 0.002 <= inside < 3 * 0.002 * 3
