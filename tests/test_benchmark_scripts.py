@@ -35,3 +35,15 @@ def test_benchmark_hooks_counts_the_time_inside_every_callback_of_a_shared_key()
     args = argparse.Namespace(model="mlp", steps=6, warmup=2, batch_size=4, accelerator="cpu", precision="32-true")
     inside = hooks.time_run(args, [_SleepyCallback() for _ in range(3)], profiled=True)
     assert 3 * 0.002 <= inside < 3 * 0.002 * 3
+
+
+def test_benchmark_ranking_reports_the_cpu_time_of_the_best_run(monkeypatch) -> None:
+    """``cpu s`` is documented as the process CPU time of the best (fastest) run; it was the
+    smallest CPU time of any run."""
+    ranking = _script("benchmark_ranking")
+    runs = iter([(3.0, 1.0, "a"), (1.0, 5.0, "b"), (2.0, 2.0, "c")])  # (wall s, cpu s, result)
+    monkeypatch.setattr(ranking, "timed", lambda fn, device: next(runs))
+    rows: list = []
+    ranking.run_phase("phase", lambda: None, ranking.torch.device("cpu"), 3, rows)
+    (name, best, mean, cpu, _peak), = rows
+    assert (name, best, mean, cpu) == ("phase", 1.0, 2.0, 5.0)
