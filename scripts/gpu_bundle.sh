@@ -2,7 +2,7 @@
 # What a device call carries for the GPU speed suite (../shared/device/README.md): the wheels the
 # GPU machine lacks (Hydra, OmegaConf, antlr4, and py-spy for the suite's sample of the fit) in
 # .whl/, and CUHK03-NP in .dev/cuhk03-np (42 MB; the device limit is 64 MiB). Both folders are
-# listed in .git/info/exclude, so they never reach a commit.
+# listed in git's info/exclude (the main repository's, from a worktree), so they never reach a commit.
 #
 #   bash scripts/gpu_bundle.sh [shared folder, default ../shared]
 #
@@ -14,8 +14,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${1:-../shared}
 [ -d "$SHARED/data/cuhk03-np/detected" ] || { echo "no CUHK03-NP under $SHARED/data/cuhk03-np/detected" >&2; exit 2; }
+# the exclude file git reads: in a worktree .git is a file, and info/ is the main repository's
+exclude=$(git rev-parse --git-path info/exclude)
+mkdir -p "$(dirname "$exclude")"
 for folder in /.whl/ /.dev/; do
-    grep -qxF "$folder" .git/info/exclude 2>/dev/null || echo "$folder" >>.git/info/exclude
+    grep -qxF "$folder" "$exclude" 2>/dev/null || echo "$folder" >>"$exclude"
 done
 bash "$SHARED/device/wheels.sh" .whl py-spy==0.4.3 >/dev/null
 mkdir -p .dev

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import shutil
+import subprocess
 import time
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 from pytorch_lightning.callbacks import Callback
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -47,3 +50,31 @@ def test_benchmark_ranking_reports_the_cpu_time_of_the_best_run(monkeypatch) -> 
     ranking.run_phase("phase", lambda: None, ranking.torch.device("cpu"), 3, rows)
     (name, best, mean, cpu, _peak), = rows
     assert (name, best, mean, cpu) == ("phase", 1.0, 2.0, 5.0)
+
+
+@pytest.mark.slow
+def test_gpu_bundle_runs_in_a_git_worktree(tmp_path: Path) -> None:
+    """In a worktree ``.git`` is a file, not a folder: the script appended to ``.git/info/exclude``
+    and, under ``set -e``, stopped there. The exclude file is the one git reads
+    (``git rev-parse --git-path info/exclude``, the main repository's)."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
+    main = tmp_path / "main"
+    (main / "scripts").mkdir(parents=True)
+    shutil.copy(SCRIPTS / "gpu_bundle.sh", main / "scripts")
+    subprocess.run([*git, "init", "-q", str(main)], check=True)
+    subprocess.run([*git, "-C", str(main), "add", "."], check=True)
+    subprocess.run([*git, "-C", str(main), "commit", "-qm", "x"], check=True)
+    subprocess.run([*git, "-C", str(main), "worktree", "add", "-q", str(tmp_path / "wt")], check=True)
+    shared = tmp_path / "shared"
+    (shared / "data/cuhk03-np/detected").mkdir(parents=True)
+    (shared / "device").mkdir()
+    (shared / "device/wheels.sh").write_text('mkdir -p "$1"\n')  # no download here
+    proc = subprocess.run(["bash", "scripts/gpu_bundle.sh", str(shared)], cwd=tmp_path / "wt", capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "wt/.dev/cuhk03-np/detected").is_dir()
+    excluded = (main / ".git/info/exclude").read_text().splitlines()
+    assert "/.whl/" in excluded and "/.dev/" in excluded
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=tmp_path / "wt", capture_output=True, text=True,
+                            check=True)
+    assert status.stdout == ""  # .whl and .dev ignored
