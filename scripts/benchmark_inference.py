@@ -11,6 +11,7 @@ ones. The ratios compare runtimes measured in the same process, one after anothe
 from __future__ import annotations
 
 import argparse
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -65,20 +66,27 @@ def benchmark_model(
 
 def parse_model(text: str) -> tuple[int, tuple[int, int]]:
     """``"r50:256x128"`` -> ``(50, (256, 128))``."""
-    name, _, size = text.lower().partition(":")
-    height, _, width = size.partition("x")
-    return int(name.lstrip("r")), (int(height), int(width))
+    match = re.fullmatch(r"r?(\d+):(\d+)x(\d+)", text.strip().lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected depth:HxW, e.g. r18:96x48, got {text!r}")
+    depth, height, width = (int(group) for group in match.groups())
+    return depth, (height, width)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["r50:256x128", "r18:96x48"], help="depth:HxW, e.g. r18:96x48")
+    parser.add_argument("--models", nargs="+", type=parse_model, default=["r50:256x128", "r18:96x48"],
+                        help="depth:HxW, e.g. r18:96x48")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads of torch and onnxruntime (default: each library's own choice)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, onnxruntime threads: "
@@ -86,8 +94,7 @@ def main() -> None:
     print("| model | input | batch | eager fp32 img/s | TorchScript img/s (x eager) | onnxruntime img/s (x eager) |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as workdir:
-        for text in args.models:
-            depth, size = parse_model(text)
+        for depth, size in args.models:
             for row in benchmark_model(depth, size, args.batches, args.warmup, args.repeat, Path(workdir), args.threads):
                 eager = row["eager"]
                 print(f"| {row['model']} | {row['input']} | {row['batch']} | {eager:.1f} | "

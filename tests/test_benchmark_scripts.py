@@ -78,3 +78,13 @@ def test_gpu_bundle_runs_in_a_git_worktree(tmp_path: Path) -> None:
     status = subprocess.run(["git", "status", "--porcelain"], cwd=tmp_path / "wt", capture_output=True, text=True,
                             check=True)
     assert status.stdout == ""  # .whl and .dev ignored
+
+
+@pytest.mark.parametrize("text", ["r18", "r18:96", "resnet18:96x48", "r18:96x"])
+def test_benchmark_inference_names_a_malformed_model(text: str, capsys) -> None:
+    """``--models r18`` failed with "invalid literal for int() with base 10: ''"."""
+    inference = _script("benchmark_inference")
+    with pytest.raises(SystemExit):
+        inference.build_parser().parse_args(["--models", text])
+    assert f"expected depth:HxW, e.g. r18:96x48, got {text!r}" in capsys.readouterr().err
+    assert inference.build_parser().parse_args(["--models", "R50:256X128"]).models == [(50, (256, 128))]
