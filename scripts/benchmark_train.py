@@ -34,11 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=["loader", "epochs", "step", "fit", "all", "optimizer", "checkpoint"], default="all")
     parser.add_argument("--model", default="bot_r50", help="a conf/model option (random init)")
-    parser.add_argument("--height", type=int, default=256)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=64, help="global batch (identities x 4)")
-    parser.add_argument("--iters", type=int, default=50, help="timed iterations")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed iterations before them")
+    parser.add_argument("--height", type=bench.at_least(1), default=256)
+    parser.add_argument("--width", type=bench.at_least(1), default=128)
+    parser.add_argument("--batch", type=bench.at_least(1), default=64, help="global batch (identities x 4)")
+    parser.add_argument("--iters", type=bench.at_least(1), default=50, help="timed iterations")
+    parser.add_argument("--warmup", type=bench.at_least(0), default=10, help="untimed iterations before them")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of --mode epochs")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--precision", choices=["32", "bf16-mixed", "16-mixed", "bf16-true", "16-true"], default="32")
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     parser.add_argument("--sync-debug", action="store_true",
                         help="fit: count torch's synchronising CUDA calls in the timed steps, by site (slows them)")
-    parser.add_argument("--workers", default="2", help="loader workers; a list (0,2,4) for --mode loader")
+    parser.add_argument("--workers", type=bench.worker_counts, default="2", help="loader workers; a list (0,2,4) for --mode loader")
     parser.add_argument("--data", default="demo", help="demo, or a folder in Market-1501 layout")
     parser.add_argument("--data-dir", default=os.environ.get("REID_DATA", "datasets"), help="root of the demo set")
     parser.add_argument("--output-dir", default="outputs/benchmark_train")
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    worker_counts = [int(n) for n in args.workers.split(",")]
+    worker_counts = args.workers
     cfg = bench.benchmark_config(
         model=args.model, height=args.height, width=args.width, batch=args.batch, device=args.device,
         precision=args.precision, channels_last=args.channels_last, compile=args.compile,

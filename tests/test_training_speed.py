@@ -563,3 +563,39 @@ def test_the_benchmark_step_refuses_a_precision_it_cannot_apply(tmp_path: Path) 
                                  output_dir=str(tmp_path / "out"), overrides=[*SMALL_DEMO, "trainer.precision=transformer-engine"])
     with pytest.raises(ValueError, match="cannot time precision 'transformer-engine'"):
         bench.time_step(cfg, iters=1, warmup=0)
+
+
+
+def _load_script(name: str):
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location(f"_{name}", Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script", ["benchmark_train", "benchmark_fit_variants"])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--iters", "0"], "argument --iters: expected an integer >= 1, got '0'"),
+        (["--batch", "-4"], "argument --batch: expected an integer >= 1, got '-4'"),
+        (["--warmup", "-1"], "argument --warmup: expected an integer >= 0, got '-1'"),
+        (["--workers", "x"], "argument --workers: expected"),
+    ],
+)
+def test_the_training_benchmarks_name_a_bad_count(script: str, argv: list[str], message: str, capsys) -> None:
+    """``--iters 0`` ended in a ZeroDivisionError once the model had run, ``--workers 0,x`` in
+    int()'s ValueError."""
+    with pytest.raises(SystemExit):
+        _load_script(script).parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_benchmark_train_parses_its_worker_counts(capsys) -> None:
+    parse_args = _load_script("benchmark_train").parse_args
+    assert parse_args(["--workers", "0,2"]).workers == [0, 2] and parse_args([]).workers == [2]
+    with pytest.raises(SystemExit):
+        parse_args(["--workers", "0,-1"])
+    assert "argument --workers: expected worker counts >= 0 separated by commas, got '0,-1'" in capsys.readouterr().err

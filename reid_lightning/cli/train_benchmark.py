@@ -22,6 +22,7 @@ Called as::
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import statistics
@@ -56,6 +57,32 @@ from reid_lightning.engine.settings import SolverSettings
 from reid_lightning.utils.cuda_syncs import CudaSyncRecorder
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``minimum``, else a usage error naming the value."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def worker_counts(text: str) -> list[int]:
+    """An argparse ``type``: ``"0,2,4"`` -> ``[0, 2, 4]``."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = [-1]
+    if min(counts) < 0:
+        raise argparse.ArgumentTypeError(f"expected worker counts >= 0 separated by commas, got {text!r}")
+    return counts
 
 
 def benchmark_config(
