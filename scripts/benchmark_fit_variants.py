@@ -45,7 +45,7 @@ from reid_lightning.cli.fit_variants import main_thread_parts, time_variant, var
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="demo", help="demo, or a folder in Market-1501 layout")
-    parser.add_argument("--data-dir", default="datasets", help="root of the demo set")
+    parser.add_argument("--data-dir", default=os.environ.get("REID_DATA", "datasets"), help="root of the demo set")
     parser.add_argument("--model", default="bot_r50")
     parser.add_argument("--height", type=bench.at_least(1), default=256)
     parser.add_argument("--width", type=bench.at_least(1), default=128)

@@ -599,3 +599,11 @@ def test_benchmark_train_parses_its_worker_counts(capsys) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--workers", "0,-1"])
     assert "argument --workers: expected worker counts >= 0 separated by commas, got '0,-1'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["benchmark_train", "benchmark_fit_variants"])
+def test_the_training_benchmarks_find_the_demo_set_under_reid_data(script: str, monkeypatch, tmp_path: Path) -> None:
+    """Like paths.data_dir (``${oc.env:REID_DATA,datasets}``); benchmark_fit_variants passed
+    ``datasets`` whatever REID_DATA said, and made a second demo set there."""
+    monkeypatch.setenv("REID_DATA", str(tmp_path))
+    assert _load_script(script).parse_args([]).data_dir == str(tmp_path)
