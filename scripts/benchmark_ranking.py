@@ -142,7 +142,7 @@ def run_phase(name: str, fn: Callable[[], object], device: torch.device, repeat:
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=sorted(CASES), default="market1501")
     for key in CASES["market1501"]:
@@ -156,12 +156,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--chunk-size", type=int, default=None, help="dense evaluate_rank chunk (default: per device)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
     case = {key: getattr(args, key) if getattr(args, key) is not None else value
             for key, value in CASES[args.case].items()}
+    if case["num_distractors"] > case["num_gallery"]:
+        parser.error(f"--num-distractors ({case['num_distractors']}) must be at most --num-gallery ({case['num_gallery']})"
+                     f" (case {args.case})")
 
     start = time.perf_counter()
     split = synthetic_split(**case, seed=args.seed)

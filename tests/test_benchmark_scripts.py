@@ -88,3 +88,11 @@ def test_benchmark_inference_names_a_malformed_model(text: str, capsys) -> None:
         inference.build_parser().parse_args(["--models", text])
     assert f"expected depth:HxW, e.g. r18:96x48, got {text!r}" in capsys.readouterr().err
     assert inference.build_parser().parse_args(["--models", "R50:256X128"]).models == [(50, (256, 128))]
+
+
+def test_benchmark_ranking_refuses_more_distractors_than_gallery_items(capsys) -> None:
+    """``--case gallery1m --num-gallery 5000`` (980,000 distractors) failed in torch with
+    "Trying to create tensor with negative dimension -975000"."""
+    with pytest.raises(SystemExit):
+        _script("benchmark_ranking").main(["--case", "gallery1m", "--num-gallery", "5000"])
+    assert "--num-distractors (980000) must be at most --num-gallery (5000)" in capsys.readouterr().err
