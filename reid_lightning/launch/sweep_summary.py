@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+from reid_lightning.utils.files import write_atomically
 
 # metrics.json keys shown in summary.md (summary.csv holds every key found), followed by the
 # "<test set>/mAP" of each test set and "val/mAP" when jobs report them
@@ -162,13 +163,6 @@ def format_csv(jobs: list[JobResult]) -> str:
             *(metrics.get(name, "") for name in names), "ok" if job.metrics is not None else "failed",
         ])
     return out.getvalue()
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_summary(sweep_dir: Path) -> str:

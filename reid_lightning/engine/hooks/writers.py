@@ -4,7 +4,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ import torch
 from reid_lightning.engine.hooks.base import HookBase
 from reid_lightning.engine.hooks.events import EventStorage
 from reid_lightning.utils import comm
+from reid_lightning.utils.files import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +146,4 @@ def drop_lines_from(path: Path, iteration: int) -> None:
             continue
         if isinstance(record, dict) and isinstance(record.get("iteration"), int) and record["iteration"] < iteration:
             kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_atomically(path, "".join(kept))
