@@ -56,6 +56,8 @@ class IdentitySampler(Sampler[int], ABC):
         rank: this process's rank; default from ``torch.distributed`` or 0.
         world_size: number of processes; default from ``torch.distributed`` or 1.
         num_batches: global batches per epoch; default :meth:`default_num_batches`.
+        camids: the camera of every dataset index, kept per identity in ``cameras`` for the
+            samplers that use it (``balanced``); None: one camera for all.
 
     Raises:
         ValueError: ``batch_size`` not a multiple of ``world_size * num_instances``,
@@ -72,6 +74,7 @@ class IdentitySampler(Sampler[int], ABC):
         rank: int | None = None,
         world_size: int | None = None,
         num_batches: int | None = None,
+        camids: Sequence[int] | None = None,
     ) -> None:
         default_rank, default_world = distributed_context()
         self.rank = default_rank if rank is None else rank
@@ -95,6 +98,10 @@ class IdentitySampler(Sampler[int], ABC):
             by_identity[int(pid)].append(index)
         self.identities = [np.asarray(by_identity[pid]) for pid in sorted(by_identity)]
         self.num_images = len(pids)
+        if camids is not None and len(camids) != self.num_images:
+            raise ValueError(f"camids holds {len(camids)} cameras for {self.num_images} images")
+        cameras = np.zeros(self.num_images, dtype=np.int64) if camids is None else np.asarray(camids)
+        self.cameras = [cameras[indices] for indices in self.identities]
         self.batch_size = batch_size
         self.num_instances = num_instances
         self.ids_per_batch = batch_size // num_instances
@@ -240,20 +247,9 @@ class BalancedIdentitySampler(IdentitySampler):
 
     Epoch ``e`` chains passes seeded by ``(seed, e)`` until it holds ``num_batches`` global
     batches; by default one pass, ``num_identities // P`` (the data module passes fast-reid's
-    epoch, ``len(images) // batch_size``).
-
-    Args:
-        camids: the camera of every dataset index (keyword); None: one camera for all, so the
-            K - 1 images come from the identity's other images.
-        *args, **kwargs: as :class:`IdentitySampler`.
+    epoch, ``len(images) // batch_size``). Without ``camids`` all images count as one camera,
+    so the K - 1 images come from the identity's other images.
     """
-
-    def __init__(self, *args: Any, camids: Sequence[int] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if camids is not None and len(camids) != self.num_images:
-            raise ValueError(f"camids holds {len(camids)} cameras for {self.num_images} images")
-        cameras = np.zeros(self.num_images, dtype=np.int64) if camids is None else np.asarray(camids)
-        self.cameras = [cameras[indices] for indices in self.identities]
 
     def default_num_batches(self) -> int:
         return len(self.identities) // self.ids_per_batch
@@ -311,6 +307,4 @@ def build_identity_sampler(
     """
     if name not in SAMPLERS:
         raise ValueError(f"unknown data.sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
-    if SAMPLERS[name] is BalancedIdentitySampler:
-        kwargs["camids"] = camids
-    return SAMPLERS[name](pids, batch_size, num_instances, **kwargs)
+    return SAMPLERS[name](pids, batch_size, num_instances, camids=camids, **kwargs)
