@@ -20,7 +20,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
 from reid_lightning.modeling import fastreid_to_baseline, is_fastreid_checkpoint
-from reid_lightning.modeling.backbones.pretrained import download
+from reid_lightning.modeling.backbones.pretrained import download, is_url
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def load_model_checkpoint(location: str | Path, option: str = "ckpt_path") -> di
         RuntimeError: a URL could not be downloaded.
     """
     location = str(location)
-    if location.startswith(("http://", "https://")):
+    if is_url(location):
         ckpt = download(location, "the checkpoint", option)
     else:
         ckpt = _read(Path(location))

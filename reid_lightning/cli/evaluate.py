@@ -36,6 +36,7 @@ from reid_lightning.cli.train import (
 from reid_lightning.data.samples import Sample
 from reid_lightning.engine.module import ReIDModule
 from reid_lightning.evaluation import compute_distance, save_cmc_curve, save_rank_lists
+from reid_lightning.evaluation.visualize import RANK_LIST_ORDERS
 from reid_lightning.launch.hydra_ddp import hydra_job_ddp
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """
     output_dir = Path(cfg.paths.output_dir)
     order = cfg.rank_lists.order
-    if isinstance(order, str) and order not in ("worst", "best"):  # found before the evaluation, not after it
-        raise ValueError(f"rank_lists.order must be worst, best or a list of query indices, got {order!r}")
+    if isinstance(order, str) and order not in RANK_LIST_ORDERS:  # found before the evaluation, not after it
+        raise ValueError(f"rank_lists.order must be {', '.join(RANK_LIST_ORDERS)} or a list of query indices, got {order!r}")
     seed_run(cfg)
     ckpt = load_model_checkpoint(cfg.ckpt_path)
     saved = OmegaConf.create(ckpt["reid_config"] or {})

@@ -36,6 +36,7 @@ from reid_lightning.inference.export import (
 from reid_lightning.inference.extractor import FeatureExtractor, resolve_device
 from reid_lightning.inference.image_files import collect_image_files, market_labels
 from reid_lightning.inference.search import search_gallery
+from reid_lightning.modeling.backbones.pretrained import is_url
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def _plain(value: Any) -> Any:
 def _checkpoint_location(location: str | Path) -> str:
     """A checkpoint path made absolute (it is recorded in the outputs), or an ``http(s)://`` URL as given."""
     location = str(location)
-    return location if location.startswith(("http://", "https://")) else str(Path(location).resolve())
+    return location if is_url(location) else str(Path(location).resolve())
 
 
 def _model_options(cfg: DictConfig) -> dict[str, Any]:
@@ -197,7 +198,7 @@ def run_search(cfg: DictConfig) -> Path:
             raise ValueError(f"{index_path} is not a features file of scripts/extract.py: it lacks {sorted(missing)}")
         index = {key: index[key] for key in index.files}
     ckpt_path = cfg.ckpt_path or str(index["ckpt_path"])
-    if not cfg.ckpt_path and not ckpt_path.startswith(("http://", "https://")) and not Path(ckpt_path).is_file():
+    if not cfg.ckpt_path and not is_url(ckpt_path) and not Path(ckpt_path).is_file():
         raise FileNotFoundError(
             f"checkpoint {ckpt_path} recorded in {index_path} does not exist: pass ckpt_path=<the checkpoint the "
             "index was extracted with>"

@@ -64,6 +64,10 @@ def build_param_groups(
     return [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]
 
 
+# the names build_optimizer knows (torch's class names, case-sensitive: solver.optimizer)
+OPTIMIZERS = ("Adam", "AdamW", "SGD")
+
+
 def build_optimizer(
     model: nn.Module,
     name: str = "Adam",
@@ -97,7 +101,7 @@ def build_optimizer(
     elif name == "SGD":
         optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=momentum, nesterov=nesterov, **kwargs)
     else:
-        raise ValueError(f"unknown optimizer {name!r}: choose one of Adam, AdamW, SGD")
+        raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
     return keep_kernel_choice(optimizer)
 
 

@@ -19,16 +19,12 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from reid_lightning.engine.optim import MILESTONES_FROM
+from reid_lightning.engine.optim import MILESTONES_FROM, OPTIMIZERS
 from reid_lightning.evaluation.distance import METRICS as DISTANCE_METRICS
 
 _Settings = TypeVar("_Settings", "SolverSettings", "EvaluationSettings")
 
-# solver.optimizer: the names build_optimizer knows (torch's class names, case-sensitive)
-OPTIMIZERS = ("Adam", "AdamW", "SGD")
-
-
-# the type each solver setting must have (an int is a float too), by the dataclass annotation
+# the type each solver or evaluation setting must have (an int is a float too), by the dataclass annotation
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {"float": (int, float), "int": int, "bool": bool, "str": str}
 _TYPE_NAMES = {(int, float): "a number", int: "an integer", bool: "true or false", str: "a string"}
 

@@ -22,16 +22,17 @@ QUERY_COLOUR, MATCH_COLOUR, WRONG_COLOUR = (40, 90, 200), (0, 170, 0), (220, 0, 
 BACKGROUND, EMPTY = (255, 255, 255), (230, 230, 230)
 
 
+# save_rank_lists' orders by AP (or an explicit list of query indices)
+RANK_LIST_ORDERS = ("worst", "best")
+
+
 def _select_queries(ap: np.ndarray, order: str | Sequence[int], num_queries: int) -> list[int]:
     num_q = ap.shape[0]
     if isinstance(order, str):
-        valid = np.flatnonzero(~np.isnan(ap))
-        if order == "worst":
-            ranked = valid[np.argsort(ap[valid], kind="stable")]
-        elif order == "best":
-            ranked = valid[np.argsort(-ap[valid], kind="stable")]
-        else:
+        if order not in RANK_LIST_ORDERS:
             raise ValueError(f"order must be 'worst', 'best' or a list of query indices, got {order!r}.")
+        valid = np.flatnonzero(~np.isnan(ap))
+        ranked = valid[np.argsort(ap[valid] if order == "worst" else -ap[valid], kind="stable")]
         return [int(q) for q in ranked[:num_queries]]
     chosen = [int(q) for q in order]
     bad = [q for q in chosen if not 0 <= q < num_q]

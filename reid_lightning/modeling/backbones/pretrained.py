@@ -113,6 +113,11 @@ def _download_imagenet(model: nn.Module) -> tuple[dict[str, Tensor], str]:
     return state_dict_of(download(url, what), url), url
 
 
+def is_url(location: str) -> bool:
+    """Whether a weights or checkpoint location is an ``http(s)://`` address (read with :func:`download`)."""
+    return location.startswith(("http://", "https://"))
+
+
 def download(url: str, what: str, option: str = "model.pretrained") -> Any:
     """Load the file at ``url`` through torch.hub's download cache (``weights_only``).
 
@@ -146,7 +151,7 @@ def read_weights(location: str) -> tuple[Any, str]:
         RuntimeError: the download failed, or the file holds pickled objects that weights-only
             loading refuses.
     """
-    if location.startswith(("http://", "https://")):
+    if is_url(location):
         return download(location, "weights"), location
     path = Path(location).expanduser()
     if not path.is_file():
@@ -220,21 +225,18 @@ def _repair_overflowed_statistics(state: dict[str, Tensor], source: str) -> dict
     return state
 
 
-# (bottleneck blocks?, blocks of layer1..layer4) -> depth of torchvision's ResNets
-_RESNET_DEPTHS = {
-    (False, (2, 2, 2, 2)): 18, (False, (3, 4, 6, 3)): 34,
-    (True, (3, 4, 6, 3)): 50, (True, (3, 4, 23, 3)): 101, (True, (3, 8, 36, 3)): 152,
-}
-
-
 def resnet_depth(state: dict[str, Any]) -> int | None:
-    """Depth of the ResNet whose (prefix-free) state dict is ``state``, from its block counts;
-    None when they are not one of torchvision's ResNets."""
-    blocks = [
+    """Depth of the ResNet whose (prefix-free) state dict is ``state``, from its block type and
+    block counts; None when they are not those of a depth :func:`~reid_lightning.modeling.build_resnet` builds."""
+    from .resnet import _ARCHS, Bottleneck  # resnet.py imports this module
+
+    blocks = tuple(
         1 + max((int(key.split(".")[1]) for key in state if key.startswith(f"layer{i}.")), default=-1)
         for i in range(1, 5)
-    ]
-    return _RESNET_DEPTHS.get(("layer1.0.conv3.weight" in state, tuple(blocks)))
+    )
+    bottleneck = "layer1.0.conv3.weight" in state
+    return next((depth for depth, (block, layers) in _ARCHS.items()
+                 if (block is Bottleneck) == bottleneck and layers == blocks), None)
 
 
 def load_backbone_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
