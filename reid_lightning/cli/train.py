@@ -341,7 +341,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if module.last_val_step != trainer.global_step:  # the final weights have not been validated
                 trainer.validate(module, datamodule=datamodule, verbose=False)
             metrics["val"] = to_report(module.last_val_metrics)
-        if cfg.get("run_test", True):
+        run_test = cfg.get("run_test", True)
+        if run_test:
             if validated_final_weights_on_test_sets(trainer, module, datamodule):
                 module.adopt_validation_as_test()  # a test pass would compute the same figures again
             else:
@@ -349,8 +350,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             metrics = {**report_test_metrics(module), **metrics}
         best = selection_checkpoint(trainer) if datamodule.val_split is not None else None
         if best is not None:  # what the objective returns; its test figures only with run_test
-            test = cfg.get("run_test", True)
-            metrics["best"] = evaluate_best_checkpoint(trainer, module, datamodule, best) if test else best_checkpoint_block(best)
+            metrics["best"] = (evaluate_best_checkpoint(trainer, module, datamodule, best) if run_test
+                               else best_checkpoint_block(best))
     if trainer.is_global_zero:
         # also without figures (run_test=false, no validation split): a sweep's summary lists a
         # job without metrics.json as failed
